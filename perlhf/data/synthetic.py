@@ -1,0 +1,128 @@
+"""The built-in "topic words" task: a hidden gold scorer that plays the human labeller.
+
+A prompt asks for words on a topic (``"Name some colours:"``); a response is a short list of
+words. The gold score rewards distinct on-topic words and penalises off-topic and repeated ones,
+so it depends on both prompt and response — a reward model must read the prompt to learn it.
+Preference labels come from the gold score through Bradley–Terry noise, as human labels do.
+
+The task is small enough that a model of a few hundred thousand parameters learns it on a CPU in
+a minute, which makes it the offline quickstart and the test bed for every module.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+TOPICS: dict[str, tuple[str, ...]] = {
+    "colours": ("red", "blue", "green", "yellow", "purple", "orange", "pink", "brown"),
+    "animals": ("cat", "dog", "horse", "mouse", "tiger", "sheep", "goat", "eagle"),
+    "fruits": ("apple", "pear", "plum", "mango", "lemon", "grape", "peach", "melon"),
+    "tools": ("hammer", "saw", "drill", "wrench", "chisel", "spade", "rake", "axe"),
+}
+VOCABULARY: tuple[str, ...] = tuple(w for words in TOPICS.values() for w in words)
+PROMPT_TEMPLATE = "Name some {topic}:"
+MAX_WORDS = 8
+
+
+def make_prompt(topic: str) -> str:
+    return PROMPT_TEMPLATE.format(topic=topic)
+
+
+def topic_of(prompt: str) -> str:
+    """The topic a prompt asks about; raises ``ValueError`` for prompts outside the task."""
+    for topic in TOPICS:
+        if make_prompt(topic) in prompt:
+            return topic
+    raise ValueError(f"not a topic-words prompt: {prompt!r}")
+
+
+def gold_score(prompt: str, response: str) -> float:
+    """Hidden gold reward: +1 per distinct on-topic word, -1 per off-topic word, -0.5 per repeat.
+
+    Words past ``MAX_WORDS`` are ignored, so rambling earns nothing.
+    """
+    on_topic = set(TOPICS[topic_of(prompt)])
+    seen: set[str] = set()
+    score = 0.0
+    for word in response.replace(",", " ").split()[:MAX_WORDS]:
+        word = word.strip(".").lower()
+        if word in seen:
+            score -= 0.5
+        elif word in on_topic:
+            score += 1.0
+        else:
+            score -= 1.0
+        seen.add(word)
+    return score
+
+
+def random_response(rng: random.Random, topic: str) -> str:
+    """A response of 2–6 words mixing on-topic, off-topic and repeated words."""
+    n = rng.randint(2, 6)
+    p_on = rng.random()
+    words: list[str] = []
+    for _ in range(n):
+        if words and rng.random() < 0.15:
+            words.append(rng.choice(words))
+        elif rng.random() < p_on:
+            words.append(rng.choice(TOPICS[topic]))
+        else:
+            words.append(rng.choice(VOCABULARY))
+    return " " + " ".join(words)
+
+
+def preference_pairs(n: int, seed: int = 0, beta: float = 2.0, noisy: bool = True) -> Iterator[dict]:
+    """Yield ``n`` rows ``{"prompt", "chosen", "rejected", "gold_margin"}``.
+
+    With ``noisy``, the chosen response wins with probability ``σ(beta · Δgold)`` (Bradley–Terry
+    labeller); without, the higher gold score always wins. Ties are resampled.
+    """
+    rng = random.Random(seed)
+    made = 0
+    while made < n:
+        topic = rng.choice(list(TOPICS))
+        prompt = make_prompt(topic)
+        a, b = random_response(rng, topic), random_response(rng, topic)
+        delta = gold_score(prompt, a) - gold_score(prompt, b)
+        if delta == 0:
+            continue
+        a_wins = rng.random() < 1.0 / (1.0 + math.exp(-beta * delta)) if noisy else delta > 0
+        chosen, rejected = (a, b) if a_wins else (b, a)
+        made += 1
+        yield {"prompt": prompt, "chosen": chosen, "rejected": rejected, "gold_margin": abs(delta)}
+
+
+def prompts(n: int, seed: int = 0) -> Iterator[dict]:
+    """Yield ``n`` prompt rows ``{"prompt"}`` for RL."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield {"prompt": make_prompt(rng.choice(list(TOPICS)))}
+
+
+def corpus(n: int = 2000, seed: int = 0) -> Iterator[str]:
+    """Task text for training the tiny tokenizer."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        topic = rng.choice(list(TOPICS))
+        yield make_prompt(topic) + random_response(rng, topic)
+
+
+def write_jsonl(rows: Iterator[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_preference_data(out_dir: str | Path, n_train: int = 4000, n_val: int = 400, seed: int = 0) -> Path:
+    """Write ``train.jsonl`` (noisy labels) and ``val.jsonl`` (gold labels) under ``out_dir``."""
+    out_dir = Path(out_dir)
+    write_jsonl(preference_pairs(n_train, seed=seed), out_dir / "train.jsonl")
+    write_jsonl(preference_pairs(n_val, seed=seed + 1, noisy=False), out_dir / "val.jsonl")
+    return out_dir

@@ -1,0 +1,218 @@
+"""Loss functions and statistics for reward modelling and policy-gradient RLHF.
+
+Pure tensor functions with no Lightning or model dependencies. Shape conventions:
+``B`` batch, ``T`` response length, ``V`` vocabulary size. A ``mask`` is 0/1 (float or
+int) or bool with the same shape as the tensor it masks, and marks valid response tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# --------------------------------------------------------------------------- reward modelling
+
+
+def pairwise_loss(
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    margin: Tensor | None = None,
+    center_coef: float = 0.0,
+) -> Tensor:
+    """Bradley–Terry preference loss ``-log σ(r_c - r_r - margin)``, averaged over pairs.
+
+    ``chosen_rewards``, ``rejected_rewards`` and the optional per-pair ``margin`` are (B,).
+    ``center_coef > 0`` adds ``center_coef * mean((r_c + r_r)^2)``, which keeps rewards
+    centred on zero (Eisenstein et al., 2023; TRL's ``center_rewards_coefficient``).
+    Returns a scalar.
+    """
+    logits = chosen_rewards - rejected_rewards
+    if margin is not None:
+        logits = logits - margin
+    loss = -F.logsigmoid(logits).mean()
+    if center_coef:
+        loss = loss + center_coef * (chosen_rewards + rejected_rewards).pow(2).mean()
+    return loss
+
+
+def classifier_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Binary cross-entropy on logits; ``logits`` (B,), ``labels`` (B,) with values 0/1. Scalar."""
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+# --------------------------------------------------------------------------- masked statistics
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over positions where ``mask`` is set.
+
+    Reduces all dims (scalar result) if ``dim`` is None, else only ``dim``.
+    """
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum()
+    return (x * mask).sum(dim) / mask.sum(dim)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``x`` over all masked positions (scalar).
+
+    With ``unbiased`` the Bessel correction ``n / (n - 1)`` is applied, where ``n`` is the
+    number of masked positions (so ``n >= 2`` is needed for a finite result).
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean).pow(2), mask)
+    if unbiased:
+        n = mask.to(x.dtype).sum()
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise ``x`` to zero mean and unit variance over masked positions.
+
+    With ``shift_mean=False`` the mean is added back (only the scale changes). Output has
+    the shape of ``x`` and is 0 where ``mask`` is not set.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+# --------------------------------------------------------------------------- policy optimisation
+
+
+def gae(
+    rewards: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al., 2016) over response tokens.
+
+    ``rewards``, ``values`` and ``mask`` are (B, T); each row's mask is a contiguous run of
+    valid tokens starting at position 0 (right padding). The episode ends after the last
+    valid token, whose bootstrap value is 0. With ``δ_t = r_t + γ V_{t+1} - V_t``, the
+    advantage is ``A_t = δ_t + γ λ A_{t+1}``. Returns ``(advantages, returns)``, both (B, T)
+    with ``returns = advantages + values`` and zeros at padded positions.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[:, 0])
+    next_advantage = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def ppo_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cliprange: float = 0.2,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO clipped surrogate loss ``max(-A ρ, -A clip(ρ, 1-ε, 1+ε))`` with ``ρ = π / π_old``.
+
+    All inputs are (B, T). Returns scalars ``(loss, clipfrac, approx_kl)``: the masked-mean
+    loss, the fraction of tokens where the clipped term is active (strictly larger) and
+    the masked mean of ``0.5 (log π - log π_old)^2``.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
+    approx_kl = masked_mean(0.5 * log_ratio.pow(2), mask)
+    return loss, clipfrac.detach(), approx_kl.detach()
+
+
+def reinforce_policy_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+    """REINFORCE loss ``-masked_mean(A · log π)`` with advantages treated as constants; (B, T) inputs."""
+    return -masked_mean(advantages.detach() * logprobs, mask)
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    cliprange_value: float | None = 0.2,
+) -> tuple[Tensor, Tensor]:
+    """Squared-error value loss ``0.5 (V - R)^2``, optionally clipped around ``old_values``.
+
+    All inputs are (B, T). With ``cliprange_value`` set, the per-token loss is
+    ``0.5 max((V - R)^2, (clip(V, V_old - ε, V_old + ε) - R)^2)``. Returns scalars
+    ``(loss, clipfrac)``, clipfrac being the fraction of tokens where the clipped term is
+    strictly larger (0 without clipping).
+    """
+    losses = (values - returns).pow(2)
+    if cliprange_value is None:
+        return 0.5 * masked_mean(losses, mask), torch.zeros((), dtype=values.dtype, device=values.device)
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    clipped_losses = (clipped_values - returns).pow(2)
+    loss = 0.5 * masked_mean(torch.maximum(losses, clipped_losses), mask)
+    clipfrac = masked_mean((clipped_losses > losses).to(values.dtype), mask)
+    return loss, clipfrac.detach()
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: Literal["k1", "k3"] = "k1") -> Tensor:
+    """Per-token estimate of ``KL(π ‖ π_ref)`` from tokens sampled from ``π``; shape-preserving.
+
+    ``k1 = log π - log π_ref`` (unbiased, may be negative);
+    ``k3 = π_ref/π - 1 - log(π_ref/π)`` (unbiased and non-negative, Schulman 2020).
+    """
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    if estimator == "k3":
+        log_ratio = ref_logprobs - logprobs
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"estimator must be 'k1' or 'k3', got {estimator!r}")
+
+
+def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
+    """REINFORCE leave-one-out advantages (Ahmadian et al., 2024).
+
+    ``rewards`` is (N,) with ``N = P * k`` in prompt-major order (the k samples of prompt
+    ``p`` are rows ``p*k .. p*k+k-1``). Returns (N,) with ``A_i = r_i - mean of the other
+    k-1 rewards for the same prompt``.
+    """
+    if k < 2:
+        raise ValueError(f"RLOO needs k >= 2 samples per prompt, got k={k}")
+    if rewards.numel() % k != 0:
+        raise ValueError(f"number of rewards ({rewards.numel()}) is not divisible by k={k}")
+    grouped = rewards.view(-1, k)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).view_as(rewards)
+
+
+# --------------------------------------------------------------------------- logits utilities
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """Log-probabilities of ``labels`` (B, T) under ``logits`` (B, T, V); returns (B, T) float32.
+
+    Computed as ``logit[label] - logsumexp(logits)`` so the full log-softmax over the
+    vocabulary is never materialised.
+    """
+    logits = logits.float()
+    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of ``softmax(logits)`` over the last dim: (B, T, V) -> (B, T), in float32."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)

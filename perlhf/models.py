@@ -1,0 +1,234 @@
+"""Backbones from a hub id or local path, with LoRA adapters (peft) or full fine-tuning.
+
+``ModelConfig`` is the one knob group every perlhf module takes. ``build_reward_model`` and
+``build_causal_lm`` load the backbone with ``from_pretrained`` (the real code path), freeze it and
+add a LoRA adapter on the attention projections (the paper's choice), or leave every weight
+trainable under ``finetune="full"`` (the baseline the paper compares against).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+# Attention projections per architecture (``config.model_type``). GPT-2 style models name the
+# attention output ``c_proj`` like the MLP output, so their target is a regex that matches the
+# attention block only.
+ATTENTION_TARGETS: dict[str, list[str] | str] = {
+    "gpt2": r".*\.attn\.(c_attn|c_proj)$",
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma3_text": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi3": ["qkv_proj", "o_proj"],
+    "gpt_neox": ["query_key_value", "dense"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "bert": ["query", "key", "value"],
+    "roberta": ["query", "key", "value"],
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapter settings (peft ``LoraConfig``)."""
+
+    r: int = 8
+    """Adapter rank."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is scaled by ``alpha / r``."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] | str | None = None
+    """Module names (suffix match) or one regex (full match). None: the architecture's attention
+    projections (``ATTENTION_TARGETS``)."""
+
+
+@dataclass
+class ModelConfig:
+    """Which backbone to load and how to fine-tune it."""
+
+    name_or_path: str = ""
+    """Hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or local folder in ``from_pretrained`` layout."""
+    finetune: Literal["lora", "full"] = "lora"
+    """``lora``: frozen backbone + adapter; ``full``: every weight trains (the paper's baseline)."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    """Adapter settings, used when ``finetune="lora"``."""
+    tokenizer: str | None = None
+    """Tokenizer hub id or path; None: the model's own."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded in. Keep float32 with a ``*-mixed`` Trainer precision."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (non-reentrant, peft-compatible)."""
+    attn_implementation: str | None = None
+    """``sdpa``, ``eager``, ``flash_attention_2``…; None: transformers' default."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with the checkpoint. Off unless you trust the source."""
+
+    def __post_init__(self) -> None:
+        if self.finetune not in ("lora", "full"):
+            raise ValueError(f"model.finetune must be 'lora' or 'full', got {self.finetune!r}")
+        if self.lora.r < 1:
+            raise ValueError(f"model.lora.r must be a positive rank, got {self.lora.r}")
+
+    @property
+    def tokenizer_name_or_path(self) -> str:
+        return self.tokenizer or self.name_or_path
+
+    @classmethod
+    def coerce(cls, value: ModelConfig | dict) -> ModelConfig:
+        """Accept the plain dict a checkpoint's hyperparameters hold (see ``asdict``)."""
+        if isinstance(value, cls):
+            return value
+        value = dict(value)
+        lora = value.pop("lora", {})
+        return cls(lora=lora if isinstance(lora, LoraSpec) else LoraSpec(**lora), **value)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer; if it has no pad token, pad with eos (the usual choice for decoder LMs)."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"tokenizer {name_or_path!r} has neither a pad nor an eos token; add a pad token "
+                "to the tokenizer before training"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_kwargs(cfg: ModelConfig) -> dict:
+    kwargs: dict = {"trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision}
+    kwargs["dtype"] = "auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype]
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    return kwargs
+
+
+def build_reward_model(cfg: ModelConfig, pad_token_id: int) -> nn.Module:
+    """Sequence classifier with one scalar output per sequence, LoRA-wrapped unless ``full``.
+
+    The score head is always trainable (peft's ``modules_to_save``) and saved with the adapter.
+    """
+    if not cfg.name_or_path:
+        raise ValueError("model.name_or_path is empty: set a hub id or a local model folder")
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            cfg.name_or_path, num_labels=1, **_load_kwargs(cfg)
+        )
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise ValueError(
+                f"model.name_or_path={cfg.name_or_path!r} has no sequence-classification variant in "
+                "transformers (AutoModelForSequenceClassification); a reward model needs a "
+                "backbone that supports one (e.g. GPT-2, Llama, Qwen2, Mistral, Gemma)"
+            ) from err
+        raise
+    # HF pools the score at the last non-pad token, so the model must know the pad id.
+    model.config.pad_token_id = pad_token_id
+    return _finish(model, cfg, task_type="SEQ_CLS")
+
+
+def build_causal_lm(cfg: ModelConfig, adapter_name: str = "default") -> nn.Module:
+    """Causal LM (policy), LoRA-wrapped under ``adapter_name`` unless ``full``."""
+    if not cfg.name_or_path:
+        raise ValueError("model.name_or_path is empty: set a hub id or a local model folder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **_load_kwargs(cfg))
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise ValueError(
+                f"model.name_or_path={cfg.name_or_path!r} is not a causal language model "
+                "(AutoModelForCausalLM cannot load it); the policy must be a decoder LM"
+            ) from err
+        raise
+    return _finish(model, cfg, task_type="CAUSAL_LM", adapter_name=adapter_name)
+
+
+def default_lora_targets(model: PreTrainedModel) -> list[str] | str:
+    model_type = model.config.model_type
+    if model_type not in ATTENTION_TARGETS:
+        raise ValueError(
+            f"no default LoRA targets for model type {model_type!r}; set model.lora.target_modules "
+            "to the attention projection names of this architecture "
+            f"(e.g. {ATTENTION_TARGETS['llama']})"
+        )
+    return ATTENTION_TARGETS[model_type]
+
+
+def check_targets(model: nn.Module, targets: list[str] | str) -> None:
+    """Raise if a LoRA target matches no module (peft's own error names none of the candidates)."""
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, n) for n in names):
+            raise ValueError(f"model.lora.target_modules regex {targets!r} matches no module of the model")
+        return
+    leaves = {n.rsplit(".", 1)[-1] for n in names}
+    missing = [t for t in targets if t not in leaves and not any(n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
+        raise ValueError(
+            f"model.lora.target_modules {missing} match no module of the model; linear layers "
+            f"available: {linear}"
+        )
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def _finish(model: PreTrainedModel, cfg: ModelConfig, task_type: str, adapter_name: str = "default") -> nn.Module:
+    if cfg.finetune == "full":
+        model.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora.target_modules or default_lora_targets(model)
+    check_targets(model, targets)
+    if cfg.gradient_checkpointing:
+        # Frozen embeddings produce inputs without grad; make them require grad so checkpointed
+        # blocks still propagate gradients to the adapters.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        task_type=task_type,
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=targets,
+    )
+    return get_peft_model(model, lora, adapter_name=adapter_name)
+
+
+def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """State-dict entries of parameters that require grad (adapters, heads; all under ``full``)."""
+    keep = {name for name, p in module.named_parameters() if p.requires_grad}
+    return {k: v for k, v in module.state_dict().items() if k in keep}
+
+
+def count_parameters(module: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in module.parameters())

@@ -1,0 +1,5 @@
+"""perlhf LightningModules."""
+
+from perlhf.modules.reward import RewardModule
+
+__all__ = ["RewardModule"]

@@ -1,0 +1,71 @@
+"""What every perlhf LightningModule shares: trainable-only checkpoints and optimisers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from perlhf.models import count_parameters
+
+
+class TrainableOnlyModule(L.LightningModule):
+    """Base for modules whose checkpoints hold only what was trained.
+
+    A LoRA run's default Lightning checkpoint would carry the frozen backbone (gigabytes); here
+    ``state_dict`` entries of frozen parameters are dropped on save, and loading checks that every
+    saved tensor lands and that no trainable tensor is missing. Under ``finetune="full"`` every
+    parameter trains, so the checkpoint is the whole model.
+
+    Subclasses build their networks in ``configure_model`` and set ``self.optimizer`` /
+    ``self.scheduler`` (injected by LightningCLI as callables).
+    """
+
+    optimizer: OptimizerCallable
+    scheduler: LRSchedulerCallable | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Frozen tensors are absent from our checkpoints by design; on_load_checkpoint checks the rest.
+        self.strict_loading = False
+
+    def trainable_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = set(checkpoint["state_dict"])
+        unexpected = saved - set(self.state_dict())
+        missing = self.trainable_names() - saved
+        if unexpected or missing:
+            raise RuntimeError(
+                "checkpoint does not match this model's trainable tensors "
+                f"(unexpected: {sorted(unexpected)[:5]}, missing: {sorted(missing)[:5]}); was it "
+                "written with a different finetune mode, LoRA rank or target_modules?"
+            )
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("no trainable parameters: check model.finetune and model.lora")
+        optimizer = self.optimizer(params)
+        if self.scheduler is None:
+            return optimizer
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "step"},
+        }
+
+    def on_fit_start(self) -> None:
+        trainable, total = count_parameters(self)
+        self.print(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters "
+                   f"({100 * trainable / max(total, 1):.2f}%)")
+
+
+def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4)
