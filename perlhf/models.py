@@ -196,7 +196,9 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def _finish(model: PreTrainedModel, cfg: ModelConfig, task_type: str, adapter_name: str = "default") -> nn.Module:
+def _finish(
+    model: PreTrainedModel, cfg: ModelConfig, task_type: str, adapter_name: str = "default"
+) -> nn.Module:
     if cfg.finetune == "full":
         model.requires_grad_(True)
         if cfg.gradient_checkpointing:

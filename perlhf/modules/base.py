@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import lightning.pytorch as L
@@ -37,6 +38,11 @@ class TrainableOnlyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        # Dropout draws from the global generators; restoring them makes a resumed run take the
+        # same steps as an uninterrupted one.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = set(checkpoint["state_dict"])
@@ -48,6 +54,12 @@ class TrainableOnlyModule(L.LightningModule):
                 f"(unexpected: {sorted(unexpected)[:5]}, missing: {sorted(missing)[:5]}); was it "
                 "written with a different finetune mode, LoRA rank or target_modules?"
             )
+        rng = checkpoint.get("rng_states")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -63,8 +75,10 @@ class TrainableOnlyModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         trainable, total = count_parameters(self)
-        self.print(f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters "
-                   f"({100 * trainable / max(total, 1):.2f}%)")
+        self.print(
+            f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters "
+            f"({100 * trainable / max(total, 1):.2f}%)"
+        )
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:

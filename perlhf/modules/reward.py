@@ -52,7 +52,9 @@ class RewardModule(TrainableOnlyModule):
             raise ValueError(f"objective must be 'pairwise' or 'classifier', got {objective!r}")
         model = ModelConfig.coerce(model)
         # Plain types only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters({"model": asdict(model), "objective": objective, "center_coef": center_coef})
+        self.save_hyperparameters(
+            {"model": asdict(model), "objective": objective, "center_coef": center_coef}
+        )
         self.config = model
         self.objective = objective
         self.center_coef = center_coef
@@ -80,6 +82,7 @@ class RewardModule(TrainableOnlyModule):
             return
         self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, self.config.trust_remote_code)
         self.model = build_reward_model(self.config, pad_token_id=self.tokenizer.pad_token_id)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps the mode it finds
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scalar rewards ``(N,)`` in float32 for sequences ``(N, L)``."""
@@ -110,8 +113,9 @@ class RewardModule(TrainableOnlyModule):
             if "auroc" in metrics:
                 metrics["auroc"].update(probs, labels.long())
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True,
-                 batch_size=rewards.shape[0])
+        self.log(
+            f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=rewards.shape[0]
+        )
         for name, metric in metrics.items():
             self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "accuracy")
         return loss

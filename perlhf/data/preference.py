@@ -1,0 +1,377 @@
+"""Preference data for reward models: any ``datasets`` source in five common formats.
+
+``PreferenceDataModule`` loads a hub dataset, a local file or folder with ``datasets.load_dataset``,
+detects (or is told) the format, validates every row, tokenizes prompt and responses separately
+and truncates the prompt from the left so responses stay whole. See ``perlhf.data.formats``.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as L
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from perlhf.data.formats import CANONICAL, FORMATS, OPTIONAL, RowError, detect_format, to_example
+from perlhf.data.sampler import EpochSeededSampler
+from perlhf.models import load_tokenizer
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+Format = Literal["auto", "explicit", "implicit", "conversational", "scored", "classifier"]
+
+
+class PreferenceDataModule(L.LightningDataModule):
+    """Preference pairs (or good/bad labelled responses) for reward-model training.
+
+    Pairwise batches hold ``input_ids``/``attention_mask`` of shape ``(2B, L)``, rows ``[:B]``
+    chosen and ``[B:]`` rejected (one forward pass), plus ``margin`` ``(B,)`` when the data has
+    one; classifier batches hold ``(B, L)`` sequences and float ``labels`` ``(B,)``.
+
+    Args:
+        path: Hub id (``Anthropic/hh-rlhf``), local ``.json``/``.jsonl``/``.parquet``/``.csv`` file,
+            local folder, or builder name (``json``, ``parquet``, ``csv``) used with ``data_files``.
+        data_files: Files for ``load_dataset``; a dict maps split names to files.
+        name: Dataset configuration name.
+        data_dir: Sub-folder of the dataset to load (e.g. ``harmless-base``).
+        train_split: Split to train on.
+        val_split: Split to validate on; None or absent: ``val_fraction`` of the train split.
+        val_fraction: Share of the train split held out when there is no validation split.
+        format: ``explicit`` (prompt/chosen/rejected), ``implicit`` (HH-RLHF transcripts),
+            ``conversational`` (message lists), ``scored`` (Stanford SHP), ``classifier``
+            (prompt/response/label); ``auto`` detects it from the column names.
+        columns: Canonical column name -> dataset column name, e.g. ``{"margin": "gold_margin"}``.
+        tokenizer: Tokenizer hub id or path; None: the attached LightningModule's
+            ``tokenizer_name_or_path``.
+        max_length: Maximum tokens per sequence (prompt + response).
+        overlong: Rows whose response alone exceeds ``max_length``: ``drop``, ``error`` or
+            ``truncate`` (cut the response on the right).
+        response_marker: Text that opens the reply in ``implicit`` transcripts.
+        batch_size: Training batch size (pairs or labelled responses).
+        eval_batch_size: Validation/test/predict batch size; None: ``batch_size``.
+        max_train_samples: Use at most this many training rows.
+        max_val_samples: Use at most this many validation rows.
+        seed: Seed of the validation hold-out and of training shuffling.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        data_files: str | list[str] | dict[str, str | list[str]] | None = None,
+        name: str | None = None,
+        data_dir: str | None = None,
+        train_split: str = "train",
+        val_split: str | None = "test",
+        val_fraction: float = 0.05,
+        format: Format = "auto",
+        columns: dict[str, str] | None = None,
+        tokenizer: str | None = None,
+        max_length: int = 512,
+        overlong: Literal["drop", "error", "truncate"] = "drop",
+        response_marker: str = "\n\nAssistant:",
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        max_train_samples: int | None = None,
+        max_val_samples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if format != "auto" and format not in FORMATS:
+            raise ValueError(f"format must be 'auto' or one of {sorted(FORMATS)}, got {format!r}")
+        if overlong not in ("drop", "error", "truncate"):
+            raise ValueError(f"overlong must be 'drop', 'error' or 'truncate', got {overlong!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        unknown = sorted(set(columns or {}) - CANONICAL)
+        if unknown:
+            raise ValueError(
+                f"columns keys {unknown} are not canonical column names; the keys are "
+                f"canonical names ({sorted(CANONICAL)}), the values dataset columns"
+            )
+        self.save_hyperparameters()
+        self.path, self.data_files, self.name, self.data_dir = path, data_files, name, data_dir
+        self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
+        self.format: str = format
+        self.columns = dict(columns or {})
+        self.tokenizer_name = tokenizer
+        self.max_length, self.overlong, self.response_marker = max_length, overlong, response_marker
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.max_samples = {"train": max_train_samples, "val": max_val_samples}
+        self.seed = seed
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.datasets: dict[str, Dataset] = {}
+        self.num_dropped: dict[str, int] = {}
+
+    @property
+    def is_pairwise(self) -> bool:
+        if self.format == "auto":
+            raise RuntimeError("the format is detected in setup(); call setup() first")
+        return self.format != "classifier"
+
+    def prepare_data(self) -> None:
+        self._load()
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = ["train", "val"] if stage in (None, "fit") else ["val"]
+        if all(key in self.datasets for key in wanted):
+            return
+        raw = self._load()
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self._tokenizer_name())
+        sources = self._splits(raw)
+        for key in wanted:
+            if key not in self.datasets:
+                split, dataset, row_ids = sources[key]
+                self.datasets[key] = self._encode_split(key, split, dataset, row_ids)
+
+    def train_dataloader(self) -> DataLoader:
+        # Order depends on (seed, epoch) only, so a resumed run sees the epochs it would have seen.
+        sampler = (
+            EpochSeededSampler(self.datasets["train"], seed=self.seed) if "train" in self.datasets else None
+        )
+        return self._loader("train", self.batch_size, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def _loader(self, key: str, batch_size: int, **kwargs: Any) -> DataLoader:
+        if key not in self.datasets:
+            raise RuntimeError(f"PreferenceDataModule has no {key} data yet; call setup() first")
+        collate = PadCollator(self.tokenizer.pad_token_id)
+        return DataLoader(self.datasets[key], batch_size=batch_size, collate_fn=collate, **kwargs)
+
+    def _tokenizer_name(self) -> str:
+        if self.tokenizer_name:
+            return self.tokenizer_name
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        name = getattr(module, "tokenizer_name_or_path", None)
+        if not name:
+            raise ValueError(
+                "PreferenceDataModule has no tokenizer: pass tokenizer=<hub id or path>, or use it "
+                "with a Trainer whose LightningModule has a tokenizer_name_or_path (perlhf modules do)"
+            )
+        return name
+
+    def _load(self) -> DatasetDict:
+        local = Path(self.path)
+        if local.is_file():
+            if self.data_files is not None:
+                raise ValueError(f"path={self.path!r} is a file; give either a file path or data_files")
+            builder = BUILDERS.get(local.suffix.lower())
+            if builder is None:
+                raise ValueError(f"path={self.path!r}: unsupported file type; use one of {sorted(BUILDERS)}")
+            args: dict[str, Any] = {"path": builder, "data_files": str(local)}
+        else:
+            args = {"path": self.path, "name": self.name, "data_dir": self.data_dir}
+            args["data_files"] = self.data_files
+        try:
+            return load_dataset(**args)
+        except Exception as err:
+            files = "" if self.data_files is None else f", data_files={self.data_files!r}"
+            raise ValueError(f"could not load preference dataset path={self.path!r}{files}: {err}") from err
+
+    def _where(self, split: str | None) -> str:
+        """``path[split]`` for messages; a builder name shows its data files instead."""
+        name = self.path
+        if self.path in BUILDERS.values() and self.data_files is not None:
+            files = self.data_files
+            name = str(files.get(split, files) if isinstance(files, dict) else files)
+        return name if split is None else f"{name}[{split}]"
+
+    def _splits(self, raw: DatasetDict) -> dict[str, tuple[str, Dataset, list[int] | None]]:
+        """``{"train"|"val": (source split, dataset, original row ids or None for identity)}``."""
+        if self.train_split not in raw:
+            raise ValueError(
+                f"{self._where(None)} has no split {self.train_split!r} (train_split); splits: {list(raw)}"
+            )
+        train = raw[self.train_split]
+        if self.val_split is not None and self.val_split in raw:
+            sources = {
+                "train": (self.train_split, train, None),
+                "val": (self.val_split, raw[self.val_split], None),
+            }
+        else:
+            n_val = max(1, round(len(train) * self.val_fraction))
+            if n_val >= len(train):
+                raise ValueError(
+                    f"{self._where(self.train_split)} has {len(train)} rows, too few to hold "
+                    f"out val_fraction={self.val_fraction} for validation"
+                )
+            rows = list(range(len(train)))
+            random.Random(self.seed).shuffle(rows)
+            val_ids, train_ids = sorted(rows[:n_val]), sorted(rows[n_val:])
+            rank_zero_info(
+                f"{self._where(None)}: no split {self.val_split!r}; holding out {n_val} rows of "
+                f"{self.train_split!r} for validation (val_fraction={self.val_fraction})"
+            )
+            sources = {
+                "train": (self.train_split, train.select(train_ids), train_ids),
+                "val": (self.train_split, train.select(val_ids), val_ids),
+            }
+        for key, (split, dataset, row_ids) in sources.items():
+            limit = self.max_samples[key]
+            if limit is not None and limit < len(dataset):
+                sources[key] = (split, dataset.select(range(limit)), row_ids and row_ids[:limit])
+        return sources
+
+    def _resolve_columns(self, split: str, dataset: Dataset) -> dict[str, str]:
+        """Canonical name -> dataset column for the columns the format reads; resolves ``auto``."""
+        where = self._where(split)
+        found = dataset.column_names
+        for canonical, column in self.columns.items():
+            if column not in found:
+                raise ValueError(
+                    f"{where}: columns={{{canonical!r}: {column!r}}} names a missing column "
+                    f"{column!r}; columns found: {found}"
+                )
+        view = {**{c: c for c in found if c in CANONICAL}, **self.columns}
+        if self.format == "auto":
+            first = dataset[0] if len(dataset) else {}
+            chosen_is_list = isinstance(first.get(view.get("chosen")), list)
+            detected = detect_format(view, chosen_is_list)
+            if detected is None:
+                needs = "; ".join(f"{fmt}: {list(cols)}" for fmt, cols in FORMATS.items())
+                raise ValueError(
+                    f"{where}: cannot tell the format from columns {found} (formats need "
+                    f"{needs}); map columns with columns={{'chosen': ..., ...}} or set format="
+                )
+            self.format = detected
+        for column in FORMATS[self.format]:
+            if column not in view:
+                raise ValueError(
+                    f"{where}: format {self.format!r} needs column {column!r}, which is "
+                    f"missing; columns found: {found}; map one with "
+                    f"columns={{{column!r}: '<column>'}}"
+                )
+        if self.format == "conversational" and not self.tokenizer.chat_template:
+            raise ValueError(
+                f"{where}: conversational data needs a tokenizer with a chat template, and "
+                f"{self.tokenizer.name_or_path!r} has none; set tokenizer= to a chat model's"
+            )
+        wanted = FORMATS[self.format] + OPTIONAL[self.format]
+        return {c: view[c] for c in wanted if c in view}
+
+    def _encode_split(self, key: str, split: str, dataset: Dataset, row_ids: list[int] | None) -> Dataset:
+        view = self._resolve_columns(split, dataset)
+        if self.is_pairwise:
+            outputs = ["chosen_input_ids", "rejected_input_ids"] + (["margin"] if "margin" in view else [])
+        else:
+            outputs = ["input_ids", "labels"]
+
+        def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+            out: dict[str, list] = {name: [] for name in outputs}
+            for i, index in enumerate(indices):
+                row = {c: batch[column][i] for c, column in view.items()}
+                try:
+                    encoded = self._encode(to_example(self.format, row, self.tokenizer, self.response_marker))
+                except RowError as err:
+                    row_id = index if row_ids is None else row_ids[index]
+                    source = view[err.column]
+                    mapped = "" if source == err.column else f" (dataset column {source!r})"
+                    raise ValueError(f"{self._where(split)} row {row_id}: {err}{mapped}") from None
+                if encoded is not None:
+                    for name in outputs:
+                        out[name].append(encoded[name])
+            return out
+
+        encoded = dataset.map(
+            encode,
+            batched=True,
+            with_indices=True,
+            remove_columns=dataset.column_names,
+            load_from_cache_file=False,
+            desc=f"Tokenizing {key}",
+        )
+        self.num_dropped[key] = len(dataset) - len(encoded)
+        rank_zero_info(
+            f"{self._where(split)} ({key}, format {self.format}): {len(encoded)} examples, "
+            f"{self.num_dropped[key]} dropped for exceeding max_length={self.max_length}"
+        )
+        if len(encoded) == 0:
+            raise ValueError(
+                f"{self._where(split)}: no {key} examples left after dropping overlong rows; "
+                "raise max_length or set overlong='truncate'"
+            )
+        return encoded
+
+    def _encode(self, example: dict[str, Any]) -> dict[str, Any] | None:
+        """Token ids of one example; None if it is overlong and ``overlong="drop"``."""
+        tok = self.tokenizer
+        prompt_text = example["prompt"]
+        # A prompt rendered by a chat template may start with the BOS text; don't add a second one.
+        if tok.bos_token and prompt_text.startswith(tok.bos_token) and self._adds_bos():
+            prompt_text = prompt_text[len(tok.bos_token) :]
+        prompt = tok(prompt_text, add_special_tokens=True)["input_ids"]
+        names = ["chosen", "rejected"] if self.is_pairwise else ["response"]
+        responses = {name: tok(example[name], add_special_tokens=False)["input_ids"] for name in names}
+        keep = int(bool(prompt) and tok.bos_token_id is not None and prompt[0] == tok.bos_token_id)
+        room = self.max_length - min(len(prompt), keep + 1)  # keep BOS and one prompt token at least
+        longest = max(names, key=lambda name: len(responses[name]))
+        if len(responses[longest]) > room:
+            if self.overlong == "drop":
+                return None
+            if self.overlong == "error":
+                raise RowError(
+                    longest,
+                    f"is {len(responses[longest])} tokens, more than max_length="
+                    f"{self.max_length} leaves after the prompt; raise max_length or set "
+                    "overlong='drop' (or 'truncate')",
+                )
+            responses = {name: ids[:room] for name, ids in responses.items()}
+        budget = self.max_length - max(len(ids) for ids in responses.values())
+        if len(prompt) > budget:
+            prompt = prompt[:keep] + prompt[len(prompt) - budget + keep :]
+        if not self.is_pairwise:
+            return {"input_ids": prompt + responses["response"], "labels": example["label"]}
+        encoded = {f"{name}_input_ids": prompt + ids for name, ids in responses.items()}
+        if "margin" in example:
+            encoded["margin"] = example["margin"]
+        return encoded
+
+    def _adds_bos(self) -> bool:
+        tok = self.tokenizer
+        return (
+            tok("a", add_special_tokens=True)["input_ids"][:1]
+            == [tok.bos_token_id]
+            != tok("a", add_special_tokens=False)["input_ids"][:1]
+        )
+
+
+class PadCollator:
+    """Right-pads a list of encoded examples into a batch (chosen rows first, then rejected)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if "labels" in examples[0]:
+            batch = self._pad([e["input_ids"] for e in examples])
+            batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.float32)
+            return batch
+        sequences = [e["chosen_input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
+        batch = self._pad(sequences)
+        if "margin" in examples[0]:
+            batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
+        return batch
+
+    def _pad(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+        length = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[i, : len(seq)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}

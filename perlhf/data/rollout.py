@@ -1,0 +1,445 @@
+"""On-policy experience for RL: prompts in, scored samples of the policy under training out.
+
+``RolloutDataModule`` owns the prompts and the frozen reward model. Its datasets are
+``IterableDataset``s wrapping a generator (as in Lightning's RL examples): each item is made when
+the loop asks for it, by calling ``generate`` on the LightningModule being trained, decoding the
+responses, re-tokenising prompt + response for the reward model (policy and reward model may use
+different tokenizers) and scoring them. The train dataset has a length (``rollouts_per_epoch``),
+which stops Lightning from prefetching a batch: every rollout is sampled from the current weights.
+
+The prompt stream is a pure function of ``(seed, rollouts drawn so far)`` — passes over the
+prompt set, each in an order drawn from ``(seed, pass)`` — and the count is checkpointed with
+the running reward statistics, so a resumed run continues the same stream.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning.pytorch as L
+import torch
+from datasets import Dataset
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from perlhf.data.rollout_utils import (
+    RunningMoments,
+    cut_at_eos,
+    encode,
+    left_pad,
+    load_dataset_dict,
+    load_reward_model,
+    max_positions,
+    right_pad,
+    shape_rewards,
+    train_val_splits,
+)
+from perlhf.data.sampler import EpochSeededSampler
+from perlhf.models import DTYPES, load_tokenizer
+
+Batch = dict[str, Any]
+
+
+@dataclass
+class Prompt:
+    """One prompt as the policy sees it."""
+
+    text: str
+    """Rendered text (chat template applied; the kept tail when truncated)."""
+    ids: list[int]
+    """Policy token ids, at most ``max_prompt_length``."""
+    messages: list[dict[str, str]] | None = None
+    """Chat messages, so a reward model with a chat template can render the conversation itself;
+    None for plain-text prompts and truncated chat prompts (the reward model then sees ``text``)."""
+    truncated: bool = False
+    """Whether the prompt was cut to its last ``max_prompt_length`` tokens."""
+
+
+class RolloutDataset(IterableDataset):
+    """``length`` items, each made by ``make(i)`` only when the iterator reaches it."""
+
+    def __init__(self, make: Callable[[int], Batch], length: int) -> None:
+        self.make, self.length = make, length
+
+    def __iter__(self) -> Iterator[Batch]:
+        for i in range(self.length):
+            yield self.make(i)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class RolloutDataModule(L.LightningDataModule):
+    """Rollout batches sampled from the LightningModule under training and scored by a frozen reward model.
+
+    Each batch holds ``N = prompts_per_rollout * samples_per_prompt`` rows, prompt-major (the
+    samples of prompt ``p`` are rows ``p*k … p*k+k-1``): ``prompt_ids``/``prompt_mask`` ``(N, P)``
+    left-padded; ``response_ids``/``response_mask`` ``(N, R)`` right-padded, the mask 1 up to and
+    including the first EOS; ``scores`` and ``raw_scores`` ``(N,)`` float32; ``ended_with_eos``
+    ``(N,)`` bool; ``prompts``/``responses`` texts; ``stats`` floats for logging.
+
+    The LightningModule must provide ``tokenizer_name_or_path``, ``device`` and
+    ``generate(prompt_ids, prompt_mask, **generation_kwargs) -> (N, R)`` response tokens.
+
+    Args:
+        path: Hub id, local ``.json``/``.jsonl``/``.parquet``/``.csv`` file, local folder, or
+            builder name (``json``, ``parquet``, ``csv``) used with ``data_files``.
+        reward_model: Reward model folder or hub id: a perlhf/peft ``SEQ_CLS`` adapter (merged onto
+            its base on load) or any Hugging Face ``*ForSequenceClassification`` model.
+        data_files: Files for ``load_dataset``; a dict maps split names to files.
+        name: Dataset configuration name.
+        data_dir: Sub-folder of the dataset to load.
+        train_split: Split whose prompts are sampled for training.
+        val_split: Split of held-out prompts; None or absent: ``val_fraction`` of the train split.
+        val_fraction: Share of the train split held out when there is no validation split.
+        prompt_column: Column holding a prompt string or a list of ``{"role", "content"}``
+            messages (rendered with the policy tokenizer's chat template, generation prompt added).
+        max_prompt_length: Maximum prompt tokens (policy tokenizer).
+        overlong_prompt: Longer prompts: ``truncate`` (keep the last tokens) or ``error``.
+        max_train_prompts: Use at most this many training prompts.
+        max_val_prompts: Use at most this many held-out prompts.
+        tokenizer: Policy tokenizer; None: the LightningModule's ``tokenizer_name_or_path``.
+        reward_base: Base model of an adapter ``reward_model``; None: the adapter's own record.
+        reward_dtype: Dtype the reward model is loaded in.
+        reward_trust_remote_code: Run modelling code shipped with the reward model.
+        reward_batch_size: Sequences per reward-model forward pass.
+        prompts_per_rollout: Distinct prompts per rollout batch (and per validation batch).
+        samples_per_prompt: Responses sampled per prompt (``k``, e.g. for group baselines).
+        rollouts_per_epoch: Rollout batches per training epoch.
+        max_new_tokens: Maximum response tokens.
+        temperature: Sampling temperature.
+        top_p: Nucleus sampling threshold (1: off).
+        top_k: Top-k sampling (0: off).
+        stop_at_eos: Stop generating at EOS. Responses are cut at their first EOS either way.
+        missing_eos_penalty: Added to the score of responses that never emitted EOS.
+        reward_clip: Clamp scores to ``±reward_clip`` (after normalisation).
+        normalize_rewards: Normalise scores with the running mean/std of every training score so
+            far (validation uses the statistics without updating them).
+        seed: Seed of the prompt order, the validation hold-out and validation sampling.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        reward_model: str,
+        data_files: str | list[str] | dict[str, str | list[str]] | None = None,
+        name: str | None = None,
+        data_dir: str | None = None,
+        train_split: str = "train",
+        val_split: str | None = "test",
+        val_fraction: float = 0.05,
+        prompt_column: str = "prompt",
+        max_prompt_length: int = 256,
+        overlong_prompt: Literal["error", "truncate"] = "truncate",
+        max_train_prompts: int | None = None,
+        max_val_prompts: int | None = None,
+        tokenizer: str | None = None,
+        reward_base: str | None = None,
+        reward_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        reward_trust_remote_code: bool = False,
+        reward_batch_size: int = 64,
+        prompts_per_rollout: int = 16,
+        samples_per_prompt: int = 1,
+        rollouts_per_epoch: int = 8,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop_at_eos: bool = True,
+        missing_eos_penalty: float | None = None,
+        reward_clip: float | None = None,
+        normalize_rewards: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        positive = {"max_prompt_length": max_prompt_length, "reward_batch_size": reward_batch_size,
+                    "prompts_per_rollout": prompts_per_rollout, "samples_per_prompt": samples_per_prompt,
+                    "rollouts_per_epoch": rollouts_per_epoch, "max_new_tokens": max_new_tokens}
+        for key, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{key} must be at least 1, got {value}")
+        if overlong_prompt not in ("error", "truncate"):
+            raise ValueError(f"overlong_prompt must be 'error' or 'truncate', got {overlong_prompt!r}")
+        if reward_dtype not in DTYPES:
+            raise ValueError(f"reward_dtype must be one of {sorted(DTYPES)}, got {reward_dtype!r}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if temperature <= 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+            raise ValueError(f"need temperature > 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, "
+                             f"{top_p}, {top_k}")
+        if reward_clip is not None and reward_clip <= 0:
+            raise ValueError(f"reward_clip must be positive, got {reward_clip}")
+        self.save_hyperparameters()
+        self.path, self.data_files, self.name, self.data_dir = path, data_files, name, data_dir
+        self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
+        self.prompt_column = prompt_column
+        self.max_prompt_length, self.overlong_prompt = max_prompt_length, overlong_prompt
+        self.max_prompts = {"train": max_train_prompts, "val": max_val_prompts}
+        self.tokenizer_name = tokenizer
+        self.reward_model_name, self.reward_base = reward_model, reward_base
+        self.reward_dtype, self.reward_trust_remote_code = reward_dtype, reward_trust_remote_code
+        self.reward_batch_size = reward_batch_size
+        self.prompts_per_rollout, self.samples_per_prompt = prompts_per_rollout, samples_per_prompt
+        self.rollouts_per_epoch = rollouts_per_epoch
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.top_p, self.top_k = top_p, top_k
+        self.stop_at_eos = stop_at_eos
+        self.missing_eos_penalty, self.reward_clip = missing_eos_penalty, reward_clip
+        self.seed = seed
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.reward_model: PreTrainedModel | None = None  # owned here, never a LightningModule submodule
+        self.reward_tokenizer: PreTrainedTokenizerBase | None = None
+        self.prompts: dict[str, list[Prompt]] = {}
+        self.num_truncated: dict[str, int] = {}
+        self.rollouts_drawn = 0
+        self.moments = RunningMoments() if normalize_rewards else None
+        self._order: tuple[int, list[int]] = (-1, [])
+
+    # ----------------------------------------------------------------- setup
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self._tokenizer_name())
+        if self.reward_model is None:
+            self.reward_model, self.reward_tokenizer = load_reward_model(
+                self.reward_model_name, self.reward_base, self.reward_dtype, self.reward_trust_remote_code
+            )
+        if not self.prompts:
+            for key, (split, dataset, row_ids) in self._splits().items():
+                self.prompts[key] = self._encode_split(key, split, dataset, row_ids)
+
+    def _tokenizer_name(self) -> str:
+        if self.tokenizer_name:
+            return self.tokenizer_name
+        name = getattr(self._module(required=False), "tokenizer_name_or_path", None)
+        if not name:
+            raise ValueError("RolloutDataModule has no policy tokenizer: pass tokenizer=<hub id or path>, or "
+                             "use it with a Trainer whose LightningModule has a tokenizer_name_or_path")
+        return name
+
+    def _splits(self) -> dict[str, tuple[str, Dataset, list[int] | None]]:
+        raw = load_dataset_dict(self.path, self.data_files, self.name, self.data_dir)
+        return train_val_splits(raw, self.path, self.train_split, self.val_split, self.val_fraction,
+                                self.seed, self.max_prompts)
+
+    def _encode_split(self, key: str, split: str, dataset: Dataset, row_ids: list[int] | None) -> list[Prompt]:
+        if self.prompt_column not in dataset.column_names:
+            raise ValueError(f"{self.path}[{split}] has no column {self.prompt_column!r} (prompt_column); "
+                             f"columns: {dataset.column_names}")
+        if len(dataset) == 0:
+            raise ValueError(f"{self.path}[{split}] has no prompts for {key}")
+        prompts = []
+        for index, value in enumerate(dataset[self.prompt_column]):
+            row = index if row_ids is None else row_ids[index]
+            prompts.append(self._encode_prompt(value, f"{self.path}[{split}] row {row}"))
+        self.num_truncated[key] = sum(p.truncated for p in prompts)
+        rank_zero_info(f"{self.path}[{split}] ({key}): {len(prompts)} prompts, {self.num_truncated[key]} "
+                       f"truncated to their last max_prompt_length={self.max_prompt_length} tokens")
+        return prompts
+
+    def _encode_prompt(self, value: Any, where: str) -> Prompt:
+        tok = self.tokenizer
+        messages = None
+        if isinstance(value, str):
+            text, empty = value, not value.strip()
+        elif isinstance(value, list) and value and all(isinstance(m, dict) and {"role", "content"} <= m.keys()
+                                                        for m in value):
+            if not tok.chat_template:
+                raise ValueError(f"{where}: chat prompts need a policy tokenizer with a chat template, and "
+                                 f"{tok.name_or_path!r} has none; give plain-text prompts or a chat model")
+            messages = [{"role": m["role"], "content": m["content"]} for m in value]
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            empty = not any(str(m["content"] or "").strip() for m in messages)
+        else:
+            raise ValueError(f"{where}: column {self.prompt_column!r} must hold a string or a list of "
+                             f"{{'role', 'content'}} messages, got {value!r:.80}")
+        if empty:
+            raise ValueError(f"{where}: the prompt is empty; remove the row or fill it in")
+        ids = encode(tok, text)
+        if len(ids) <= self.max_prompt_length:
+            return Prompt(text, ids, messages)
+        if self.overlong_prompt == "error":
+            raise ValueError(f"{where}: the prompt is {len(ids)} tokens, longer than max_prompt_length="
+                             f"{self.max_prompt_length}; raise max_prompt_length or set "
+                             "overlong_prompt='truncate' (keeps the last tokens)")
+        head = ids[:1] if ids[0] == tok.bos_token_id else []  # keep a leading BOS
+        tail = ids[len(ids) - (self.max_prompt_length - len(head)):]
+        return Prompt(tok.decode(tail, skip_special_tokens=False), head + tail, truncated=True)
+
+    # ----------------------------------------------------------- dataloaders
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(RolloutDataset(self._train_rollout, self.rollouts_per_epoch))
+
+    def val_dataloader(self) -> DataLoader:
+        n_batches = math.ceil(len(self._val_shard()) / self.prompts_per_rollout)
+        return self._loader(RolloutDataset(self._val_rollout, n_batches))
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def _loader(self, dataset: RolloutDataset) -> DataLoader:
+        if not self.prompts:
+            raise RuntimeError("RolloutDataModule has no prompts yet; call setup() first")
+        # Generation runs on the accelerator, in the main process.
+        return DataLoader(dataset, batch_size=None, num_workers=0)
+
+    def _train_rollout(self, _: int) -> Batch:
+        prompts = [self.prompts["train"][i] for i in self.train_indices(self.rollouts_drawn)]
+        batch = self._rollout([p for p in prompts for _ in range(self.samples_per_prompt)], train=True)
+        self.rollouts_drawn += 1
+        return batch
+
+    def _val_rollout(self, index: int) -> Batch:
+        prompts = self._val_shard()[index * self.prompts_per_rollout : (index + 1) * self.prompts_per_rollout]
+        # The same sampling noise at every validation, so val rewards compare across epochs.
+        device = self._device()
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=device.type):
+            torch.manual_seed(self.seed * 100_003 + index)
+            return self._rollout(prompts, train=False)
+
+    def train_indices(self, rollout: int) -> list[int]:
+        """Training-prompt indices of rollout number ``rollout`` on this rank.
+
+        The stream is every prompt once per pass, each pass in an order drawn from ``(seed, pass)``;
+        rollout ``c`` on rank ``r`` of ``w`` takes stream positions ``(c*w + r)*P … +P``.
+        """
+        n, size = len(self.prompts["train"]), self.prompts_per_rollout
+        rank, world = self._rank()
+        start = (rollout * world + rank) * size
+        indices = []
+        for position in range(start, start + size):
+            epoch, i = divmod(position, n)
+            if self._order[0] != epoch:
+                sampler = EpochSeededSampler(range(n), seed=self.seed)
+                sampler.set_epoch(epoch)
+                self._order = (epoch, list(sampler))
+            indices.append(self._order[1][i])
+        return indices
+
+    def _val_shard(self) -> list[Prompt]:
+        """This rank's held-out prompts; ranks get equally many (wrapping around), as DistributedSampler."""
+        prompts = self.prompts["val"]
+        rank, world = self._rank()
+        if world == 1:
+            return prompts
+        per_rank = math.ceil(len(prompts) / world)
+        return [prompts[i % len(prompts)] for i in range(rank, per_rank * world, world)]
+
+    # --------------------------------------------------------------- rollouts
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``module.generate`` (sampling for training and validation alike)."""
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "do_sample": True,
+            "eos_token_id": self.tokenizer.eos_token_id if self.stop_at_eos else None,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+
+    def _rollout(self, prompts: list[Prompt], train: bool) -> Batch:
+        module, tok = self._module(), self.tokenizer
+        prompt_ids, prompt_mask = left_pad([p.ids for p in prompts], tok.pad_token_id)  # (N, P)
+        start = time.perf_counter()
+        generated = module.generate(prompt_ids.to(module.device), prompt_mask.to(module.device),
+                                    **self.generation_kwargs())
+        generated = generated.long().cpu()  # (N, R); .cpu() waits for the device
+        generate_s = time.perf_counter() - start
+        response_ids, response_mask, ended = cut_at_eos(generated, tok.eos_token_id, tok.pad_token_id)
+        responses = tok.batch_decode(response_ids, skip_special_tokens=True)
+        texts = [p.text for p in prompts]
+        start = time.perf_counter()
+        raw = self._score(texts, responses, [p.messages for p in prompts])
+        score_s = time.perf_counter() - start
+        scores, stats = shape_rewards(raw, ended, self.missing_eos_penalty, self.reward_clip, self.moments,
+                                      update=train)
+        stats.update({
+            "rollout/generate_s": generate_s,
+            "rollout/score_s": score_s,
+            "rollout/generated_tokens": float(response_mask.sum()),
+            "rollout/response_length": response_mask.sum(dim=1).float().mean().item(),
+        })
+        return {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "response_ids": response_ids,
+            "response_mask": response_mask,
+            "scores": scores,
+            "raw_scores": raw,
+            "ended_with_eos": ended,
+            "prompts": texts,
+            "responses": responses,
+            "stats": stats,
+        }
+
+    def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """Raw reward-model scores ``(N,)`` float32 (CPU) of ``prompts[i] + responses[i]``."""
+        if self.reward_model is None:
+            raise RuntimeError("RolloutDataModule has no reward model yet; call setup() first")
+        if len(prompts) != len(responses):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
+        return self._score(prompts, responses, [None] * len(prompts))
+
+    def _score(self, prompts: list[str], responses: list[str], messages: list[Any]) -> torch.Tensor:
+        """Re-tokenise with the reward tokenizer (its chat template for chat prompts, if it has
+        one), keep the last tokens that fit the model, score in chunks of ``reward_batch_size``."""
+        tok, model = self.reward_tokenizer, self.reward_model
+        sequences = []
+        for prompt, response, chat in zip(prompts, responses, messages, strict=True):
+            if chat is not None and tok.chat_template:
+                conversation = [*chat, {"role": "assistant", "content": response}]
+                text = tok.apply_chat_template(conversation, tokenize=False)
+            else:
+                text = prompt + response
+            sequences.append(encode(tok, text))
+        limit = max_positions(model)
+        if limit is not None:
+            sequences = [ids[-limit:] for ids in sequences]
+        device = self._device()
+        if model.device != device:
+            model.to(device)
+        scores = []
+        with torch.no_grad():
+            for start in range(0, len(sequences), self.reward_batch_size):
+                chunk = sequences[start : start + self.reward_batch_size]
+                input_ids, attention_mask = (t.to(device) for t in right_pad(chunk, tok.pad_token_id))
+                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+                scores.append(logits[:, 0].float().cpu())
+        return torch.cat(scores)
+
+    # ------------------------------------------------------------ plumbing
+
+    def _module(self, required: bool = True) -> Any:
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if module is None and required:
+            raise RuntimeError("RolloutDataModule samples from the LightningModule under training; attach it "
+                               "to a Trainer (trainer.fit(module, datamodule=...))")
+        return module
+
+    def _device(self) -> torch.device:
+        module = self._module(required=False)
+        return torch.device(module.device) if module is not None else torch.device("cpu")
+
+    def _rank(self) -> tuple[int, int]:
+        return getattr(self.trainer, "global_rank", 0), getattr(self.trainer, "world_size", 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Prompt-stream position and running reward statistics (stored in Lightning checkpoints)."""
+        state: dict[str, Any] = {"rollouts_drawn": self.rollouts_drawn}
+        if self.moments is not None:
+            state["reward_moments"] = self.moments.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rollouts_drawn = int(state_dict["rollouts_drawn"])
+        if self.moments is not None and "reward_moments" in state_dict:
+            self.moments.load_state_dict(state_dict["reward_moments"])

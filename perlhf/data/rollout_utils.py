@@ -1,0 +1,248 @@
+"""Helpers of the rollout DataModule: padding, EOS masks, reward shaping, data and reward-model loading.
+
+Tensor helpers are pure functions on hand-made tensors; ``RunningMoments`` is the running reward
+normaliser's state; ``load_reward_model`` turns a perlhf/peft adapter folder or a plain Hugging
+Face sequence classifier into one frozen ``transformers`` model.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils.peft_utils import find_adapter_config_file
+
+from perlhf.models import DTYPES, load_tokenizer
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+NOT_A_CLASSIFIER = (
+    "reward_model={path!r} is {what}; the reward model must be a sequence classifier with a scalar "
+    "head (e.g. a perlhf RewardModule export: RewardModule.save_pretrained, adapter or merged)"
+)
+
+
+def load_dataset_dict(path: str, data_files: Any = None, name: str | None = None,
+                      data_dir: str | None = None) -> DatasetDict:
+    """``datasets.load_dataset`` on a hub id, a local ``.json(l)``/``.parquet``/``.csv`` file, a local
+    folder, or a builder name (``json``…) with ``data_files``."""
+    local = Path(path)
+    if local.is_file():
+        if data_files is not None:
+            raise ValueError(f"path={path!r} is a file; give either a file path or data_files")
+        builder = BUILDERS.get(local.suffix.lower())
+        if builder is None:
+            raise ValueError(f"path={path!r}: unsupported file type; use one of {sorted(BUILDERS)}")
+        args: dict[str, Any] = {"path": builder, "data_files": str(local)}
+    else:
+        args = {"path": path, "name": name, "data_dir": data_dir, "data_files": data_files}
+    try:
+        return load_dataset(**args)
+    except Exception as err:
+        raise ValueError(f"could not load prompt dataset path={path!r}: {err}") from err
+
+
+def train_val_splits(
+    raw: DatasetDict, path: str, train_split: str, val_split: str | None, val_fraction: float, seed: int,
+    limits: dict[str, int | None],
+) -> dict[str, tuple[str, Dataset, list[int] | None]]:
+    """``{"train"|"val": (source split, dataset, original row ids or None for identity)}``.
+
+    Without ``val_split`` in ``raw``, a seeded ``val_fraction`` of the train split is held out.
+    ``limits`` caps the rows per key.
+    """
+    if train_split not in raw:
+        raise ValueError(f"{path} has no split {train_split!r} (train_split); splits: {list(raw)}")
+    train = raw[train_split]
+    if val_split is not None and val_split in raw:
+        sources = {"train": (train_split, train, None), "val": (val_split, raw[val_split], None)}
+    else:
+        n_val = max(1, round(len(train) * val_fraction))
+        if n_val >= len(train):
+            raise ValueError(f"{path}[{train_split}] has {len(train)} rows, too few to hold out "
+                             f"val_fraction={val_fraction} for validation")
+        rows = list(range(len(train)))
+        random.Random(seed).shuffle(rows)
+        val_ids, train_ids = sorted(rows[:n_val]), sorted(rows[n_val:])
+        rank_zero_info(f"{path}: no split {val_split!r}; holding out {n_val} rows of {train_split!r} for "
+                       f"validation (val_fraction={val_fraction})")
+        sources = {"train": (train_split, train.select(train_ids), train_ids),
+                   "val": (train_split, train.select(val_ids), val_ids)}
+    for key, (split, dataset, row_ids) in sources.items():
+        limit = limits.get(key)
+        if limit is not None and limit < len(dataset):
+            sources[key] = (split, dataset.select(range(limit)), row_ids and row_ids[:limit])
+    return sources
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of ``text`` with the tokenizer's special tokens, but no second BOS when the text
+    (e.g. rendered by a chat template) already starts with one."""
+    has_bos = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+    return tokenizer(text, add_special_tokens=not has_bos)["input_ids"]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` of shape ``(N, longest)``, padded on the left (generation continues on the right)."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if seq:
+            ids[i, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[i, length - len(seq):] = 1
+    return ids, mask
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` of shape ``(N, longest)``, padded on the right."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return ids, mask
+
+
+def cut_at_eos(
+    responses: torch.Tensor, eos_id: int | None, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """End each response at its first EOS: ``(ids, mask, ended)``.
+
+    ``ids`` ``(N, R)`` has every token after the first EOS replaced by ``pad_id`` (whatever the
+    generator put there); ``mask`` ``(N, R)`` is 1 up to and including the first EOS; ``ended``
+    ``(N,)`` says whether the response emitted EOS at all.
+    """
+    if eos_id is None:
+        return responses, torch.ones_like(responses), torch.zeros(responses.shape[0], dtype=torch.bool)
+    is_eos = (responses == eos_id).long()
+    after = (is_eos.cumsum(dim=1) - is_eos) > 0  # strictly after the first EOS
+    return responses.masked_fill(after, pad_id), (~after).long(), is_eos.bool().any(dim=1)
+
+
+@dataclass
+class RunningMoments:
+    """Mean and (population) standard deviation of every score seen, updated a batch at a time
+    with the parallel form of Welford's algorithm (Chan et al.), in float64."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / self.count) if self.count else 1.0
+
+    def update(self, values: torch.Tensor) -> None:
+        values = values.detach().double().flatten()
+        n = values.numel()
+        if n == 0:
+            return
+        batch_mean = values.mean().item()
+        batch_m2 = ((values - batch_mean) ** 2).sum().item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    def state_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def shape_rewards(
+    raw: torch.Tensor,
+    ended: torch.Tensor,
+    missing_eos_penalty: float | None = None,
+    clip: float | None = None,
+    moments: RunningMoments | None = None,
+    update: bool = True,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Scores ``(N,)`` from raw reward-model outputs, and what was done to them.
+
+    In order: add ``missing_eos_penalty`` to responses that never emitted EOS; with ``moments``,
+    fold the scores into the running statistics (if ``update``) and normalise them to zero mean
+    and unit std; clamp to ``±clip``. Without ``moments`` or before any update, no normalisation.
+    """
+    scores = raw.double()
+    stats = {
+        "reward/raw_mean": raw.mean().item(),
+        "reward/raw_std": raw.std(correction=0).item(),
+        "reward/eos_fraction": ended.float().mean().item(),
+    }
+    if missing_eos_penalty is not None:
+        scores = torch.where(ended, scores, scores + missing_eos_penalty)
+        stats["reward/penalised_fraction"] = (~ended).float().mean().item()
+    if moments is not None:
+        if update:
+            moments.update(scores)
+        if moments.count:
+            scores = (scores - moments.mean) / max(moments.std, 1e-8)
+        stats["reward/running_mean"], stats["reward/running_std"] = moments.mean, moments.std
+    if clip is not None:
+        stats["reward/clipped_fraction"] = (scores.abs() > clip).float().mean().item()
+        scores = scores.clamp(-clip, clip)
+    stats["reward/mean"] = scores.mean().item()
+    return scores.float(), stats
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    """Longest sequence the model's position embeddings allow, when the config says."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def load_reward_model(
+    name_or_path: str, base: str | None = None, dtype: str = "float32", trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A frozen, eval-mode sequence classifier and its tokenizer.
+
+    ``name_or_path`` is a peft adapter folder or hub id (``adapter_config.json``, task ``SEQ_CLS``:
+    loaded onto ``base`` or the adapter's ``base_model_name_or_path`` and merged) or a plain
+    ``*ForSequenceClassification`` model. The tokenizer comes from ``name_or_path``, else the base.
+    """
+    kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if find_adapter_config_file(name_or_path) is not None:
+        from peft import PeftConfig, PeftModel
+
+        adapter = PeftConfig.from_pretrained(name_or_path)
+        task = getattr(adapter.task_type, "value", adapter.task_type)
+        if task != "SEQ_CLS":
+            what = f"a peft adapter of task {task!r}"
+            raise ValueError(NOT_A_CLASSIFIER.format(path=name_or_path, what=what))
+        base = base or adapter.base_model_name_or_path
+        if not base:
+            raise ValueError(f"reward_model={name_or_path!r} is an adapter that names no base model; "
+                             "set reward_base")
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, **kwargs)
+        model = PeftModel.from_pretrained(model, name_or_path).merge_and_unload()
+        try:
+            tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+        except (OSError, ValueError):
+            tokenizer = load_tokenizer(base, trust_remote_code)
+    else:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        architectures = list(getattr(config, "architectures", None) or [])
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            what = f"a {'/'.join(architectures) or 'model of unknown architecture'} (config.architectures)"
+            raise ValueError(NOT_A_CLASSIFIER.format(path=name_or_path, what=what))
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)
+        tokenizer = load_tokenizer(name_or_path, trust_remote_code)
+    # Sequence classifiers pool the score at the last non-pad token, so the ids must agree.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.requires_grad_(False).eval()
+    return model, tokenizer
