@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import random
+from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import lightning.pytorch as L
@@ -31,6 +33,17 @@ class TrainableOnlyModule(L.LightningModule):
         super().__init__()
         # Frozen tensors are absent from our checkpoints by design; on_load_checkpoint checks the rest.
         self.strict_loading = False
+
+    def save_plain_hyperparameters(self) -> None:
+        """``save_hyperparameters`` for the subclass ``__init__`` calling this, with dataclass
+        values stored as dicts so checkpoints load with ``torch.load(weights_only=True)``.
+        Injected optimiser/scheduler callables are left out (LightningCLI records their config).
+        """
+        frame = inspect.currentframe().f_back
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"], frame=frame)
+        for key, value in list(self.hparams.items()):
+            if is_dataclass(value):
+                self.hparams[key] = asdict(value)
 
     def trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -51,10 +50,7 @@ class RewardModule(TrainableOnlyModule):
         if objective not in ("pairwise", "classifier"):
             raise ValueError(f"objective must be 'pairwise' or 'classifier', got {objective!r}")
         model = ModelConfig.coerce(model)
-        # Plain types only, so checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(
-            {"model": asdict(model), "objective": objective, "center_coef": center_coef}
-        )
+        self.save_plain_hyperparameters()
         self.config = model
         self.objective = objective
         self.center_coef = center_coef
