@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning.pytorch as L
@@ -28,36 +27,24 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from perlhf.data.rollout_utils import (
+    Prompt,
     RunningMoments,
     cut_at_eos,
     encode,
+    encode_prompt,
     left_pad,
     load_dataset_dict,
     load_reward_model,
     max_positions,
     right_pad,
     shape_rewards,
+    shard,
     train_val_splits,
 )
 from perlhf.data.sampler import EpochSeededSampler
 from perlhf.models import DTYPES, load_tokenizer
 
 Batch = dict[str, Any]
-
-
-@dataclass
-class Prompt:
-    """One prompt as the policy sees it."""
-
-    text: str
-    """Rendered text (chat template applied; the kept tail when truncated)."""
-    ids: list[int]
-    """Policy token ids, at most ``max_prompt_length``."""
-    messages: list[dict[str, str]] | None = None
-    """Chat messages, so a reward model with a chat template can render the conversation itself;
-    None for plain-text prompts and truncated chat prompts (the reward model then sees ``text``)."""
-    truncated: bool = False
-    """Whether the prompt was cut to its last ``max_prompt_length`` tokens."""
 
 
 class RolloutDataset(IterableDataset):
@@ -157,9 +144,14 @@ class RolloutDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        positive = {"max_prompt_length": max_prompt_length, "reward_batch_size": reward_batch_size,
-                    "prompts_per_rollout": prompts_per_rollout, "samples_per_prompt": samples_per_prompt,
-                    "rollouts_per_epoch": rollouts_per_epoch, "max_new_tokens": max_new_tokens}
+        positive = {
+            "max_prompt_length": max_prompt_length,
+            "reward_batch_size": reward_batch_size,
+            "prompts_per_rollout": prompts_per_rollout,
+            "samples_per_prompt": samples_per_prompt,
+            "rollouts_per_epoch": rollouts_per_epoch,
+            "max_new_tokens": max_new_tokens,
+        }
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key} must be at least 1, got {value}")
@@ -170,8 +162,9 @@ class RolloutDataModule(L.LightningDataModule):
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if temperature <= 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-            raise ValueError(f"need temperature > 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, "
-                             f"{top_p}, {top_k}")
+            raise ValueError(
+                f"need temperature > 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, {top_p}, {top_k}"
+            )
         if reward_clip is not None and reward_clip <= 0:
             raise ValueError(f"reward_clip must be positive, got {reward_clip}")
         self.save_hyperparameters()
@@ -186,8 +179,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.reward_batch_size = reward_batch_size
         self.prompts_per_rollout, self.samples_per_prompt = prompts_per_rollout, samples_per_prompt
         self.rollouts_per_epoch = rollouts_per_epoch
-        self.max_new_tokens, self.temperature = max_new_tokens, temperature
-        self.top_p, self.top_k = top_p, top_k
+        self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
         self.stop_at_eos = stop_at_eos
         self.missing_eos_penalty, self.reward_clip = missing_eos_penalty, reward_clip
         self.seed = seed
@@ -218,58 +210,47 @@ class RolloutDataModule(L.LightningDataModule):
             return self.tokenizer_name
         name = getattr(self._module(required=False), "tokenizer_name_or_path", None)
         if not name:
-            raise ValueError("RolloutDataModule has no policy tokenizer: pass tokenizer=<hub id or path>, or "
-                             "use it with a Trainer whose LightningModule has a tokenizer_name_or_path")
+            raise ValueError(
+                "RolloutDataModule has no policy tokenizer: pass tokenizer=<hub id or path>, or "
+                "use it with a Trainer whose LightningModule has a tokenizer_name_or_path"
+            )
         return name
 
     def _splits(self) -> dict[str, tuple[str, Dataset, list[int] | None]]:
         raw = load_dataset_dict(self.path, self.data_files, self.name, self.data_dir)
-        return train_val_splits(raw, self.path, self.train_split, self.val_split, self.val_fraction,
-                                self.seed, self.max_prompts)
+        return train_val_splits(
+            raw, self.path, self.train_split, self.val_split, self.val_fraction, self.seed, self.max_prompts
+        )
 
-    def _encode_split(self, key: str, split: str, dataset: Dataset, row_ids: list[int] | None) -> list[Prompt]:
+    def _encode_split(
+        self, key: str, split: str, dataset: Dataset, row_ids: list[int] | None
+    ) -> list[Prompt]:
+        source = self._source(split)
         if self.prompt_column not in dataset.column_names:
-            raise ValueError(f"{self.path}[{split}] has no column {self.prompt_column!r} (prompt_column); "
-                             f"columns: {dataset.column_names}")
+            raise ValueError(
+                f"{source} has no column {self.prompt_column!r} (prompt_column); "
+                f"columns: {dataset.column_names}"
+            )
         if len(dataset) == 0:
-            raise ValueError(f"{self.path}[{split}] has no prompts for {key}")
+            raise ValueError(f"{source} has no prompts for {key}")
         prompts = []
         for index, value in enumerate(dataset[self.prompt_column]):
             row = index if row_ids is None else row_ids[index]
-            prompts.append(self._encode_prompt(value, f"{self.path}[{split}] row {row}"))
+            where = f"{source} row {row}, column {self.prompt_column!r}"
+            prompts.append(
+                encode_prompt(value, self.tokenizer, self.max_prompt_length, self.overlong_prompt, where)
+            )
         self.num_truncated[key] = sum(p.truncated for p in prompts)
-        rank_zero_info(f"{self.path}[{split}] ({key}): {len(prompts)} prompts, {self.num_truncated[key]} "
-                       f"truncated to their last max_prompt_length={self.max_prompt_length} tokens")
+        rank_zero_info(
+            f"{source} ({key}): {len(prompts)} prompts, {self.num_truncated[key]} "
+            f"truncated to their last max_prompt_length={self.max_prompt_length} tokens"
+        )
         return prompts
 
-    def _encode_prompt(self, value: Any, where: str) -> Prompt:
-        tok = self.tokenizer
-        messages = None
-        if isinstance(value, str):
-            text, empty = value, not value.strip()
-        elif isinstance(value, list) and value and all(isinstance(m, dict) and {"role", "content"} <= m.keys()
-                                                        for m in value):
-            if not tok.chat_template:
-                raise ValueError(f"{where}: chat prompts need a policy tokenizer with a chat template, and "
-                                 f"{tok.name_or_path!r} has none; give plain-text prompts or a chat model")
-            messages = [{"role": m["role"], "content": m["content"]} for m in value]
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            empty = not any(str(m["content"] or "").strip() for m in messages)
-        else:
-            raise ValueError(f"{where}: column {self.prompt_column!r} must hold a string or a list of "
-                             f"{{'role', 'content'}} messages, got {value!r:.80}")
-        if empty:
-            raise ValueError(f"{where}: the prompt is empty; remove the row or fill it in")
-        ids = encode(tok, text)
-        if len(ids) <= self.max_prompt_length:
-            return Prompt(text, ids, messages)
-        if self.overlong_prompt == "error":
-            raise ValueError(f"{where}: the prompt is {len(ids)} tokens, longer than max_prompt_length="
-                             f"{self.max_prompt_length}; raise max_prompt_length or set "
-                             "overlong_prompt='truncate' (keeps the last tokens)")
-        head = ids[:1] if ids[0] == tok.bos_token_id else []  # keep a leading BOS
-        tail = ids[len(ids) - (self.max_prompt_length - len(head)):]
-        return Prompt(tok.decode(tail, skip_special_tokens=False), head + tail, truncated=True)
+    def _source(self, split: str) -> str:
+        """``file[split]`` (or ``path[split]``) for messages that point at a row."""
+        files = self.data_files.get(split) if isinstance(self.data_files, dict) else self.data_files
+        return f"{files if isinstance(files, str) else self.path}[{split}]"
 
     # ----------------------------------------------------------- dataloaders
 
@@ -324,34 +305,24 @@ class RolloutDataModule(L.LightningDataModule):
         return indices
 
     def _val_shard(self) -> list[Prompt]:
-        """This rank's held-out prompts; ranks get equally many (wrapping around), as DistributedSampler."""
-        prompts = self.prompts["val"]
-        rank, world = self._rank()
-        if world == 1:
-            return prompts
-        per_rank = math.ceil(len(prompts) / world)
-        return [prompts[i % len(prompts)] for i in range(rank, per_rank * world, world)]
+        return shard(self.prompts["val"], *self._rank())
 
     # --------------------------------------------------------------- rollouts
 
     def generation_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``module.generate`` (sampling for training and validation alike)."""
-        return {
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "do_sample": True,
-            "eos_token_id": self.tokenizer.eos_token_id if self.stop_at_eos else None,
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
+        eos_token_id = self.tokenizer.eos_token_id if self.stop_at_eos else None
+        return dict(
+            self.sampling, do_sample=True, eos_token_id=eos_token_id, pad_token_id=self.tokenizer.pad_token_id
+        )
 
     def _rollout(self, prompts: list[Prompt], train: bool) -> Batch:
         module, tok = self._module(), self.tokenizer
         prompt_ids, prompt_mask = left_pad([p.ids for p in prompts], tok.pad_token_id)  # (N, P)
         start = time.perf_counter()
-        generated = module.generate(prompt_ids.to(module.device), prompt_mask.to(module.device),
-                                    **self.generation_kwargs())
+        generated = module.generate(
+            prompt_ids.to(module.device), prompt_mask.to(module.device), **self.generation_kwargs()
+        )
         generated = generated.long().cpu()  # (N, R); .cpu() waits for the device
         generate_s = time.perf_counter() - start
         response_ids, response_mask, ended = cut_at_eos(generated, tok.eos_token_id, tok.pad_token_id)
@@ -360,14 +331,17 @@ class RolloutDataModule(L.LightningDataModule):
         start = time.perf_counter()
         raw = self._score(texts, responses, [p.messages for p in prompts])
         score_s = time.perf_counter() - start
-        scores, stats = shape_rewards(raw, ended, self.missing_eos_penalty, self.reward_clip, self.moments,
-                                      update=train)
-        stats.update({
-            "rollout/generate_s": generate_s,
-            "rollout/score_s": score_s,
-            "rollout/generated_tokens": float(response_mask.sum()),
-            "rollout/response_length": response_mask.sum(dim=1).float().mean().item(),
-        })
+        scores, stats = shape_rewards(
+            raw, ended, self.missing_eos_penalty, self.reward_clip, self.moments, update=train
+        )
+        stats.update(
+            {
+                "rollout/generate_s": generate_s,
+                "rollout/score_s": score_s,
+                "rollout/generated_tokens": float(response_mask.sum()),
+                "rollout/response_length": response_mask.sum(dim=1).float().mean().item(),
+            }
+        )
         return {
             "prompt_ids": prompt_ids,
             "prompt_mask": prompt_mask,
@@ -376,6 +350,7 @@ class RolloutDataModule(L.LightningDataModule):
             "scores": scores,
             "raw_scores": raw,
             "ended_with_eos": ended,
+            "samples_per_prompt": self.samples_per_prompt if train else 1,
             "prompts": texts,
             "responses": responses,
             "stats": stats,
@@ -421,8 +396,10 @@ class RolloutDataModule(L.LightningDataModule):
     def _module(self, required: bool = True) -> Any:
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         if module is None and required:
-            raise RuntimeError("RolloutDataModule samples from the LightningModule under training; attach it "
-                               "to a Trainer (trainer.fit(module, datamodule=...))")
+            raise RuntimeError(
+                "RolloutDataModule samples from the LightningModule under training; attach it "
+                "to a Trainer (trainer.fit(module, datamodule=...))"
+            )
         return module
 
     def _device(self) -> torch.device:

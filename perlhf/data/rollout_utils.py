@@ -1,4 +1,4 @@
-"""Helpers of the rollout DataModule: padding, EOS masks, reward shaping, data and reward-model loading.
+"""Helpers of the rollout DataModule: prompts, padding, EOS masks, reward shaping, data and model loading.
 
 Tensor helpers are pure functions on hand-made tensors; ``RunningMoments`` is the running reward
 normaliser's state; ``load_reward_model`` turns a perlhf/peft adapter folder or a plain Hugging
@@ -33,8 +33,9 @@ NOT_A_CLASSIFIER = (
 )
 
 
-def load_dataset_dict(path: str, data_files: Any = None, name: str | None = None,
-                      data_dir: str | None = None) -> DatasetDict:
+def load_dataset_dict(
+    path: str, data_files: Any = None, name: str | None = None, data_dir: str | None = None
+) -> DatasetDict:
     """``datasets.load_dataset`` on a hub id, a local ``.json(l)``/``.parquet``/``.csv`` file, a local
     folder, or a builder name (``json``…) with ``data_files``."""
     local = Path(path)
@@ -54,7 +55,12 @@ def load_dataset_dict(path: str, data_files: Any = None, name: str | None = None
 
 
 def train_val_splits(
-    raw: DatasetDict, path: str, train_split: str, val_split: str | None, val_fraction: float, seed: int,
+    raw: DatasetDict,
+    path: str,
+    train_split: str,
+    val_split: str | None,
+    val_fraction: float,
+    seed: int,
     limits: dict[str, int | None],
 ) -> dict[str, tuple[str, Dataset, list[int] | None]]:
     """``{"train"|"val": (source split, dataset, original row ids or None for identity)}``.
@@ -70,15 +76,21 @@ def train_val_splits(
     else:
         n_val = max(1, round(len(train) * val_fraction))
         if n_val >= len(train):
-            raise ValueError(f"{path}[{train_split}] has {len(train)} rows, too few to hold out "
-                             f"val_fraction={val_fraction} for validation")
+            raise ValueError(
+                f"{path}[{train_split}] has {len(train)} rows, too few to hold out "
+                f"val_fraction={val_fraction} for validation"
+            )
         rows = list(range(len(train)))
         random.Random(seed).shuffle(rows)
         val_ids, train_ids = sorted(rows[:n_val]), sorted(rows[n_val:])
-        rank_zero_info(f"{path}: no split {val_split!r}; holding out {n_val} rows of {train_split!r} for "
-                       f"validation (val_fraction={val_fraction})")
-        sources = {"train": (train_split, train.select(train_ids), train_ids),
-                   "val": (train_split, train.select(val_ids), val_ids)}
+        rank_zero_info(
+            f"{path}: no split {val_split!r}; holding out {n_val} rows of {train_split!r} for "
+            f"validation (val_fraction={val_fraction})"
+        )
+        sources = {
+            "train": (train_split, train.select(train_ids), train_ids),
+            "val": (train_split, train.select(val_ids), val_ids),
+        }
     for key, (split, dataset, row_ids) in sources.items():
         limit = limits.get(key)
         if limit is not None and limit < len(dataset):
@@ -93,6 +105,64 @@ def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=not has_bos)["input_ids"]
 
 
+@dataclass
+class Prompt:
+    """One prompt as the policy sees it."""
+
+    text: str
+    """Rendered text (chat template applied; the kept tail when truncated)."""
+    ids: list[int]
+    """Policy token ids, at most ``max_prompt_length``."""
+    messages: list[dict[str, str]] | None = None
+    """Chat messages, so a reward model with a chat template can render the conversation itself;
+    None for plain-text prompts and truncated chat prompts (the reward model then sees ``text``)."""
+    truncated: bool = False
+    """Whether the prompt was cut to its last ``max_prompt_length`` tokens."""
+
+
+def encode_prompt(
+    value: Any, tokenizer: PreTrainedTokenizerBase, max_length: int, overlong: str, where: str
+) -> Prompt:
+    """A prompt string, or ``{"role", "content"}`` messages rendered with the chat template and a
+    generation prompt; longer than ``max_length`` tokens: ``overlong="truncate"`` keeps the last
+    tokens (and a leading BOS), ``"error"`` raises. ``where`` names the row in errors."""
+    messages = None
+    if isinstance(value, str):
+        text, empty = value, not value.strip()
+    elif (
+        isinstance(value, list)
+        and value
+        and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in value)
+    ):
+        if not tokenizer.chat_template:
+            raise ValueError(
+                f"{where}: chat prompts need a policy tokenizer with a chat template, and "
+                f"{tokenizer.name_or_path!r} has none; give plain-text prompts or a chat model"
+            )
+        messages = [{"role": m["role"], "content": m["content"]} for m in value]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        empty = not any(str(m["content"] or "").strip() for m in messages)
+    else:
+        raise ValueError(
+            f"{where}: a prompt must be a string or a list of {{'role', 'content'}} messages, "
+            f"got {value!r:.80}"
+        )
+    if empty:
+        raise ValueError(f"{where}: the prompt is empty; remove the row or fill it in")
+    ids = encode(tokenizer, text)
+    if len(ids) <= max_length:
+        return Prompt(text, ids, messages)
+    if overlong == "error":
+        raise ValueError(
+            f"{where}: the prompt is {len(ids)} tokens, longer than max_prompt_length="
+            f"{max_length}; raise max_prompt_length or set overlong_prompt='truncate' "
+            "(keeps the last tokens)"
+        )
+    head = ids[:1] if ids[0] == tokenizer.bos_token_id else []
+    tail = ids[len(ids) - (max_length - len(head)) :]
+    return Prompt(tokenizer.decode(tail, skip_special_tokens=False), head + tail, truncated=True)
+
+
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, mask)`` of shape ``(N, longest)``, padded on the left (generation continues on the right)."""
     length = max(len(s) for s in sequences)
@@ -100,8 +170,8 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for i, seq in enumerate(sequences):
         if seq:
-            ids[i, length - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[i, length - len(seq):] = 1
+            ids[i, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+            mask[i, length - len(seq) :] = 1
     return ids, mask
 
 
@@ -114,6 +184,15 @@ def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
         ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[i, : len(seq)] = 1
     return ids, mask
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    """Rank ``rank``'s share of ``items``; every rank gets equally many, wrapping around (as
+    ``DistributedSampler`` pads), so no rank runs out of batches before the others."""
+    if world_size == 1:
+        return items
+    per_rank = math.ceil(len(items) / world_size)
+    return [items[i % len(items)] for i in range(rank, per_rank * world_size, world_size)]
 
 
 def cut_at_eos(
@@ -226,8 +305,9 @@ def load_reward_model(
             raise ValueError(NOT_A_CLASSIFIER.format(path=name_or_path, what=what))
         base = base or adapter.base_model_name_or_path
         if not base:
-            raise ValueError(f"reward_model={name_or_path!r} is an adapter that names no base model; "
-                             "set reward_base")
+            raise ValueError(
+                f"reward_model={name_or_path!r} is an adapter that names no base model; set reward_base"
+            )
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, **kwargs)
         model = PeftModel.from_pretrained(model, name_or_path).merge_and_unload()
         try:
