@@ -15,7 +15,8 @@ from perlhf.tiny import save_tiny
 
 
 def prepare(root: str | Path = "checkpoints/quickstart", force: bool = False) -> Path:
-    """Write ``<root>/tiny-gpt2`` and ``<root>/data/preference/{train,val}.jsonl`` (skipped if present)."""
+    """Write ``<root>/tiny-gpt2``, ``<root>/data/preference/{train,val}.jsonl`` and
+    ``<root>/data/prompts.jsonl`` (each skipped if present)."""
     root = Path(root)
     model_dir = root / "tiny-gpt2"
     if force or not (model_dir / "config.json").exists():
@@ -23,6 +24,9 @@ def prepare(root: str | Path = "checkpoints/quickstart", force: bool = False) ->
     data_dir = root / "data" / "preference"
     if force or not (data_dir / "val.jsonl").exists():
         synthetic.write_preference_data(data_dir)
+    prompts = root / "data" / "prompts.jsonl"
+    if force or not prompts.exists():
+        synthetic.write_jsonl(synthetic.prompts(2000, seed=2), prompts)
     return root
 
 

@@ -7,22 +7,21 @@ and truncates the prompt from the left so responses stay whole. See ``perlhf.dat
 
 from __future__ import annotations
 
-import random
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as L
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from perlhf.data.formats import CANONICAL, FORMATS, OPTIONAL, RowError, detect_format, to_example
+from perlhf.data.loading import BUILDERS, Splits, load_dataset_dict, tokenizer_name_from, train_val_splits
+from perlhf.data.rollout_utils import right_pad
 from perlhf.data.sampler import EpochSeededSampler
 from perlhf.models import load_tokenizer
 
-BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 Format = Literal["auto", "explicit", "implicit", "conversational", "scored", "classifier"]
 
 
@@ -124,7 +123,7 @@ class PreferenceDataModule(L.LightningDataModule):
             return
         raw = self._load()
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self._tokenizer_name())
+            self.tokenizer = load_tokenizer(tokenizer_name_from(self, self.tokenizer_name))
         sources = self._splits(raw)
         for key in wanted:
             if key not in self.datasets:
@@ -153,35 +152,8 @@ class PreferenceDataModule(L.LightningDataModule):
         collate = PadCollator(self.tokenizer.pad_token_id)
         return DataLoader(self.datasets[key], batch_size=batch_size, collate_fn=collate, **kwargs)
 
-    def _tokenizer_name(self) -> str:
-        if self.tokenizer_name:
-            return self.tokenizer_name
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        name = getattr(module, "tokenizer_name_or_path", None)
-        if not name:
-            raise ValueError(
-                "PreferenceDataModule has no tokenizer: pass tokenizer=<hub id or path>, or use it "
-                "with a Trainer whose LightningModule has a tokenizer_name_or_path (perlhf modules do)"
-            )
-        return name
-
     def _load(self) -> DatasetDict:
-        local = Path(self.path)
-        if local.is_file():
-            if self.data_files is not None:
-                raise ValueError(f"path={self.path!r} is a file; give either a file path or data_files")
-            builder = BUILDERS.get(local.suffix.lower())
-            if builder is None:
-                raise ValueError(f"path={self.path!r}: unsupported file type; use one of {sorted(BUILDERS)}")
-            args: dict[str, Any] = {"path": builder, "data_files": str(local)}
-        else:
-            args = {"path": self.path, "name": self.name, "data_dir": self.data_dir}
-            args["data_files"] = self.data_files
-        try:
-            return load_dataset(**args)
-        except Exception as err:
-            files = "" if self.data_files is None else f", data_files={self.data_files!r}"
-            raise ValueError(f"could not load preference dataset path={self.path!r}{files}: {err}") from err
+        return load_dataset_dict(self.path, self.data_files, self.name, self.data_dir, "preference dataset")
 
     def _where(self, split: str | None) -> str:
         """``path[split]`` for messages; a builder name shows its data files instead."""
@@ -191,41 +163,11 @@ class PreferenceDataModule(L.LightningDataModule):
             name = str(files.get(split, files) if isinstance(files, dict) else files)
         return name if split is None else f"{name}[{split}]"
 
-    def _splits(self, raw: DatasetDict) -> dict[str, tuple[str, Dataset, list[int] | None]]:
+    def _splits(self, raw: DatasetDict) -> Splits:
         """``{"train"|"val": (source split, dataset, original row ids or None for identity)}``."""
-        if self.train_split not in raw:
-            raise ValueError(
-                f"{self._where(None)} has no split {self.train_split!r} (train_split); splits: {list(raw)}"
-            )
-        train = raw[self.train_split]
-        if self.val_split is not None and self.val_split in raw:
-            sources = {
-                "train": (self.train_split, train, None),
-                "val": (self.val_split, raw[self.val_split], None),
-            }
-        else:
-            n_val = max(1, round(len(train) * self.val_fraction))
-            if n_val >= len(train):
-                raise ValueError(
-                    f"{self._where(self.train_split)} has {len(train)} rows, too few to hold "
-                    f"out val_fraction={self.val_fraction} for validation"
-                )
-            rows = list(range(len(train)))
-            random.Random(self.seed).shuffle(rows)
-            val_ids, train_ids = sorted(rows[:n_val]), sorted(rows[n_val:])
-            rank_zero_info(
-                f"{self._where(None)}: no split {self.val_split!r}; holding out {n_val} rows of "
-                f"{self.train_split!r} for validation (val_fraction={self.val_fraction})"
-            )
-            sources = {
-                "train": (self.train_split, train.select(train_ids), train_ids),
-                "val": (self.train_split, train.select(val_ids), val_ids),
-            }
-        for key, (split, dataset, row_ids) in sources.items():
-            limit = self.max_samples[key]
-            if limit is not None and limit < len(dataset):
-                sources[key] = (split, dataset.select(range(limit)), row_ids and row_ids[:limit])
-        return sources
+        return train_val_splits(
+            raw, self._where, self.train_split, self.val_split, self.val_fraction, self.seed, self.max_samples
+        )
 
     def _resolve_columns(self, split: str, dataset: Dataset) -> dict[str, str]:
         """Canonical name -> dataset column for the columns the format reads; resolves ``auto``."""
@@ -368,10 +310,5 @@ class PadCollator:
         return batch
 
     def _pad(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
-        length = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-        for i, seq in enumerate(sequences):
-            input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[i, : len(seq)] = 1
+        input_ids, attention_mask = right_pad(sequences, self.pad_token_id)
         return {"input_ids": input_ids, "attention_mask": attention_mask}

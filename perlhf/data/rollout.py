@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from perlhf.data.loading import Splits, load_dataset_dict, tokenizer_name_from, train_val_splits
 from perlhf.data.rollout_utils import (
     Prompt,
     RunningMoments,
@@ -33,13 +34,11 @@ from perlhf.data.rollout_utils import (
     encode,
     encode_prompt,
     left_pad,
-    load_dataset_dict,
     load_reward_model,
     max_positions,
     right_pad,
     shape_rewards,
     shard,
-    train_val_splits,
 )
 from perlhf.data.sampler import EpochSeededSampler
 from perlhf.models import DTYPES, load_tokenizer
@@ -196,7 +195,9 @@ class RolloutDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self._tokenizer_name())
+            self.tokenizer = load_tokenizer(
+                tokenizer_name_from(self, self.tokenizer_name, "policy tokenizer")
+            )
         if self.reward_model is None:
             self.reward_model, self.reward_tokenizer = load_reward_model(
                 self.reward_model_name, self.reward_base, self.reward_dtype, self.reward_trust_remote_code
@@ -205,19 +206,8 @@ class RolloutDataModule(L.LightningDataModule):
             for key, (split, dataset, row_ids) in self._splits().items():
                 self.prompts[key] = self._encode_split(key, split, dataset, row_ids)
 
-    def _tokenizer_name(self) -> str:
-        if self.tokenizer_name:
-            return self.tokenizer_name
-        name = getattr(self._module(required=False), "tokenizer_name_or_path", None)
-        if not name:
-            raise ValueError(
-                "RolloutDataModule has no policy tokenizer: pass tokenizer=<hub id or path>, or "
-                "use it with a Trainer whose LightningModule has a tokenizer_name_or_path"
-            )
-        return name
-
-    def _splits(self) -> dict[str, tuple[str, Dataset, list[int] | None]]:
-        raw = load_dataset_dict(self.path, self.data_files, self.name, self.data_dir)
+    def _splits(self) -> Splits:
+        raw = load_dataset_dict(self.path, self.data_files, self.name, self.data_dir, "prompt dataset")
         return train_val_splits(
             raw, self.path, self.train_split, self.val_split, self.val_fraction, self.seed, self.max_prompts
         )

@@ -1,4 +1,4 @@
-"""Helpers of the rollout DataModule: prompts, padding, EOS masks, reward shaping, data and model loading.
+"""Helpers of the rollout DataModule: prompts, padding, EOS masks, reward shaping, reward-model loading.
 
 Tensor helpers are pure functions on hand-made tensors; ``RunningMoments`` is the running reward
 normaliser's state; ``load_reward_model`` turns a perlhf/peft adapter folder or a plain Hugging
@@ -8,14 +8,10 @@ Face sequence classifier into one frozen ``transformers`` model.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
-from lightning.pytorch.utilities import rank_zero_info
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -26,76 +22,10 @@ from transformers.utils.peft_utils import find_adapter_config_file
 
 from perlhf.models import DTYPES, load_tokenizer
 
-BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 NOT_A_CLASSIFIER = (
     "reward_model={path!r} is {what}; the reward model must be a sequence classifier with a scalar "
     "head (e.g. a perlhf RewardModule export: RewardModule.save_pretrained, adapter or merged)"
 )
-
-
-def load_dataset_dict(
-    path: str, data_files: Any = None, name: str | None = None, data_dir: str | None = None
-) -> DatasetDict:
-    """``datasets.load_dataset`` on a hub id, a local ``.json(l)``/``.parquet``/``.csv`` file, a local
-    folder, or a builder name (``json``…) with ``data_files``."""
-    local = Path(path)
-    if local.is_file():
-        if data_files is not None:
-            raise ValueError(f"path={path!r} is a file; give either a file path or data_files")
-        builder = BUILDERS.get(local.suffix.lower())
-        if builder is None:
-            raise ValueError(f"path={path!r}: unsupported file type; use one of {sorted(BUILDERS)}")
-        args: dict[str, Any] = {"path": builder, "data_files": str(local)}
-    else:
-        args = {"path": path, "name": name, "data_dir": data_dir, "data_files": data_files}
-    try:
-        return load_dataset(**args)
-    except Exception as err:
-        raise ValueError(f"could not load prompt dataset path={path!r}: {err}") from err
-
-
-def train_val_splits(
-    raw: DatasetDict,
-    path: str,
-    train_split: str,
-    val_split: str | None,
-    val_fraction: float,
-    seed: int,
-    limits: dict[str, int | None],
-) -> dict[str, tuple[str, Dataset, list[int] | None]]:
-    """``{"train"|"val": (source split, dataset, original row ids or None for identity)}``.
-
-    Without ``val_split`` in ``raw``, a seeded ``val_fraction`` of the train split is held out.
-    ``limits`` caps the rows per key.
-    """
-    if train_split not in raw:
-        raise ValueError(f"{path} has no split {train_split!r} (train_split); splits: {list(raw)}")
-    train = raw[train_split]
-    if val_split is not None and val_split in raw:
-        sources = {"train": (train_split, train, None), "val": (val_split, raw[val_split], None)}
-    else:
-        n_val = max(1, round(len(train) * val_fraction))
-        if n_val >= len(train):
-            raise ValueError(
-                f"{path}[{train_split}] has {len(train)} rows, too few to hold out "
-                f"val_fraction={val_fraction} for validation"
-            )
-        rows = list(range(len(train)))
-        random.Random(seed).shuffle(rows)
-        val_ids, train_ids = sorted(rows[:n_val]), sorted(rows[n_val:])
-        rank_zero_info(
-            f"{path}: no split {val_split!r}; holding out {n_val} rows of {train_split!r} for "
-            f"validation (val_fraction={val_fraction})"
-        )
-        sources = {
-            "train": (train_split, train.select(train_ids), train_ids),
-            "val": (train_split, train.select(val_ids), val_ids),
-        }
-    for key, (split, dataset, row_ids) in sources.items():
-        limit = limits.get(key)
-        if limit is not None and limit < len(dataset):
-            sources[key] = (split, dataset.select(range(limit)), row_ids and row_ids[:limit])
-    return sources
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -1,5 +1,6 @@
 """perlhf LightningModules."""
 
 from perlhf.modules.reward import RewardModule
+from perlhf.modules.rl import PPOModule
 
-__all__ = ["RewardModule"]
+__all__ = ["PPOModule", "RewardModule"]

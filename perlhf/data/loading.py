@@ -1,0 +1,119 @@
+"""Loading shared by the DataModules: ``datasets`` sources, train/validation splits, tokenizer names.
+
+``load_dataset_dict`` runs ``datasets.load_dataset`` on a hub id, a local file or folder, or a
+builder name with ``data_files``; ``train_val_splits`` picks the train and validation splits,
+holding out a seeded share of the train split when there is no validation split.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+from datasets import Dataset, DatasetDict, load_dataset
+from lightning.pytorch.utilities import rank_zero_info
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+"""``datasets`` builder per local file suffix."""
+
+Splits = dict[str, tuple[str, Dataset, list[int] | None]]
+"""``{"train"|"val": (source split, dataset, original row ids or None for identity)}``."""
+
+
+def load_dataset_dict(
+    path: str,
+    data_files: Any = None,
+    name: str | None = None,
+    data_dir: str | None = None,
+    what: str = "dataset",
+) -> DatasetDict:
+    """``datasets.load_dataset`` on a hub id, a local ``.json(l)``/``.parquet``/``.csv`` file, a local
+    folder, or a builder name (``json``…) with ``data_files``. ``what`` names the data in errors
+    (``"could not load preference dataset path=..."``)."""
+    local = Path(path)
+    if local.is_file():
+        if data_files is not None:
+            raise ValueError(f"path={path!r} is a file; give either a file path or data_files")
+        builder = BUILDERS.get(local.suffix.lower())
+        if builder is None:
+            raise ValueError(f"path={path!r}: unsupported file type; use one of {sorted(BUILDERS)}")
+        args: dict[str, Any] = {"path": builder, "data_files": str(local)}
+    else:
+        args = {"path": path, "name": name, "data_dir": data_dir, "data_files": data_files}
+    try:
+        return load_dataset(**args)
+    except Exception as err:
+        files = "" if data_files is None else f", data_files={data_files!r}"
+        raise ValueError(f"could not load {what} path={path!r}{files}: {err}") from err
+
+
+def train_val_splits(
+    raw: DatasetDict,
+    where: str | Callable[[str | None], str],
+    train_split: str,
+    val_split: str | None,
+    val_fraction: float,
+    seed: int,
+    limits: dict[str, int | None],
+) -> Splits:
+    """``{"train"|"val": (source split, dataset, original row ids or None for identity)}``.
+
+    Without ``val_split`` in ``raw``, a seeded ``val_fraction`` of the train split is held out.
+    ``limits`` caps the rows per key. ``where`` names the dataset in messages: a string (a split
+    shows as ``where[split]``) or a function of the split (None: the whole dataset).
+    """
+
+    def named(split: str | None) -> str:
+        if callable(where):
+            return where(split)
+        return where if split is None else f"{where}[{split}]"
+
+    if train_split not in raw:
+        raise ValueError(f"{named(None)} has no split {train_split!r} (train_split); splits: {list(raw)}")
+    train = raw[train_split]
+    if val_split is not None and val_split in raw:
+        sources = {"train": (train_split, train, None), "val": (val_split, raw[val_split], None)}
+    else:
+        n_val = max(1, round(len(train) * val_fraction))
+        if n_val >= len(train):
+            raise ValueError(
+                f"{named(train_split)} has {len(train)} rows, too few to hold out "
+                f"val_fraction={val_fraction} for validation"
+            )
+        rows = list(range(len(train)))
+        random.Random(seed).shuffle(rows)
+        val_ids, train_ids = sorted(rows[:n_val]), sorted(rows[n_val:])
+        rank_zero_info(
+            f"{named(None)}: no split {val_split!r}; holding out {n_val} rows of {train_split!r} for "
+            f"validation (val_fraction={val_fraction})"
+        )
+        sources = {
+            "train": (train_split, train.select(train_ids), train_ids),
+            "val": (train_split, train.select(val_ids), val_ids),
+        }
+    for key, (split, dataset, row_ids) in sources.items():
+        limit = limits.get(key)
+        if limit is not None and limit < len(dataset):
+            sources[key] = (split, dataset.select(range(limit)), row_ids and row_ids[:limit])
+    return sources
+
+
+def tokenizer_name_from(
+    datamodule: L.LightningDataModule, explicit: str | None, what: str = "tokenizer"
+) -> str:
+    """``explicit`` if given, else the ``tokenizer_name_or_path`` of the LightningModule that
+    ``datamodule``'s Trainer trains; ``what`` names the tokenizer in the error."""
+    if explicit:
+        return explicit
+    trainer = datamodule.trainer
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    name = getattr(module, "tokenizer_name_or_path", None)
+    if not name:
+        raise ValueError(
+            f"{type(datamodule).__name__} has no {what}: pass tokenizer=<hub id or path>, or use it "
+            "with a Trainer whose LightningModule has a tokenizer_name_or_path (perlhf modules do)"
+        )
+    return name

@@ -1,0 +1,436 @@
+"""On-policy RL with LoRA: PPO, the paper's REINFORCE with a value baseline, and RLOO."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from safetensors.torch import save_file
+from torch import nn
+
+from perlhf import losses
+from perlhf.models import ModelConfig, build_causal_lm, load_tokenizer
+from perlhf.modules.base import TrainableOnlyModule, default_optimizer
+from perlhf.modules.policy import (
+    POLICY,
+    VALUE,
+    active_adapter,
+    adapters_disabled,
+    add_value_adapter,
+    frozen_causal_lm,
+    hf_model,
+    response_hidden,
+    token_logprobs,
+    value_backbone,
+)
+from perlhf.modules.rl_config import Algorithm, KLController, KLSpec, PPOSpec, ValueMode
+from perlhf.utils import peak_memory_mb
+
+Batch = dict[str, Any]
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/inf appeared in a training quantity; the last good state was checkpointed."""
+
+
+class PPOModule(TrainableOnlyModule):
+    """The RL half of PE-RLHF, driven by rollouts from ``RolloutDataModule``.
+
+    Each training step receives one rollout batch (prompts, sampled responses, frozen reward-model
+    scores), computes log-probs, reference log-probs and values, turns scores and the KL penalty
+    into advantages, and runs ``ppo.epochs`` passes of minibatch updates (manual optimisation).
+
+    Algorithms: ``ppo`` (clipped surrogate, GAE, clipped value loss), ``reinforce`` (REINFORCE
+    with a learned value baseline, sequence reward at the last token, γ = 1 — the paper's choice),
+    ``rloo`` (leave-one-out baseline over ``samples_per_prompt`` samples, no critic).
+
+    Args:
+        model: Policy backbone and fine-tuning mode. Under LoRA the policy is adapter ``policy``.
+        algorithm: ``ppo``, ``reinforce`` or ``rloo``.
+        ppo: Update settings (epochs, minibatches, clipping, GAE).
+        kl: KL-to-reference coefficient, controller, estimator and where the penalty enters.
+        value: Critic: ``adapter`` (a ``value`` LoRA adapter on the policy backbone, LoRA only),
+            ``shared`` (value head on the policy trunk), ``separate`` (its own backbone).
+        value_model: Backbone of a ``separate`` critic; None: the policy's.
+        reference_model: A separate frozen reference policy (e.g. the merged SFT model your policy
+            starts from). None: the backbone with adapters disabled (LoRA) or a frozen copy (full).
+        optimizer: Optimiser over trainable parameters only.
+        scheduler: Optional LR scheduler, stepped every optimiser step.
+        log_samples_every: Log a text table of prompts, responses and rewards every N rollouts.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        algorithm: Algorithm = "ppo",
+        ppo: PPOSpec | None = None,
+        kl: KLSpec | None = None,
+        value: ValueMode | None = None,
+        value_model: str | None = None,
+        reference_model: str | None = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        scheduler: LRSchedulerCallable | None = None,
+        log_samples_every: int = 10,
+    ) -> None:
+        super().__init__()
+        model = ModelConfig.coerce(model)
+        ppo = ppo if isinstance(ppo, PPOSpec) else PPOSpec(**(ppo or {}))
+        kl = kl if isinstance(kl, KLSpec) else KLSpec(**(kl or {}))
+        if algorithm not in ("ppo", "reinforce", "rloo"):
+            raise ValueError(f"algorithm must be 'ppo', 'reinforce' or 'rloo', got {algorithm!r}")
+        if value is None:
+            value = "adapter" if model.finetune == "lora" else "separate"
+        if value == "adapter" and model.finetune != "lora":
+            raise ValueError("value='adapter' needs model.finetune='lora'; use value: separate or shared")
+        self.save_plain_hyperparameters()
+        self.automatic_optimization = False
+        self.config, self.algorithm, self.ppo, self.kl_spec = model, algorithm, ppo, kl
+        self.value_mode: ValueMode | None = None if algorithm == "rloo" else value
+        self.value_model, self.reference_model = value_model, reference_model
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.log_samples_every = log_samples_every
+        self.kl_ctl = KLController(kl)
+        self.rollout_step = 0
+        self.sampling_temperature = 1.0
+        self.policy: nn.Module | None = None
+        self.reference: nn.Module | None = None
+        self.critic: nn.Module | None = None
+        self.value_head: nn.Linear | None = None
+        self.tokenizer = None
+
+    @property
+    def tokenizer_name_or_path(self) -> str:
+        return self.config.tokenizer_name_or_path
+
+    @property
+    def is_lora(self) -> bool:
+        return self.config.finetune == "lora"
+
+    # ----------------------------------------------------------------------------- networks
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, self.config.trust_remote_code)
+        self.policy = build_causal_lm(self.config, adapter_name=POLICY)
+        if self.reference_model or not self.is_lora:
+            self.reference = frozen_causal_lm(self.config, self.reference_model or self.config.name_or_path)
+        if self.value_mode == "adapter":
+            add_value_adapter(self.policy, self.config)
+        elif self.value_mode == "separate":
+            self.critic = value_backbone(self.config, self.value_model)
+        if self.value_mode is not None:
+            hidden = hf_model(self.critic or self.policy).config.get_text_config().hidden_size
+            self.value_head = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        # Dropout would make rollout-time and update-time log-probs disagree: RL runs in eval mode.
+        self.eval()
+
+    def _policy_ctx(self) -> Any:
+        return active_adapter(self.policy, POLICY) if self.is_lora else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Sample responses ``(N, R)`` for left-padded prompts ``(N, P)`` with the policy."""
+        self.sampling_temperature = float(kwargs.get("temperature") or 1.0)
+        was_training = self.policy.training
+        self.policy.eval()
+        with self._policy_ctx():
+            out = self.policy.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, **kwargs
+            )
+        self.policy.train(was_training)
+        return out[:, prompt_ids.shape[1] :]
+
+    def _forward(
+        self, batch: Batch, idx: torch.Tensor, with_values: bool, with_entropy: bool = False
+    ) -> dict:
+        """Policy log-probs ``(n, R)`` (+ entropy) and values ``(n, R)`` for rows ``idx``."""
+        input_ids, attention_mask, prompt_len = _sequences(batch, idx)
+        response_ids = batch["response_ids"][idx]
+        with self._policy_ctx():
+            hidden = response_hidden(self.policy, input_ids, attention_mask, prompt_len)
+        logprobs, entropy = token_logprobs(
+            self.policy, hidden, response_ids, self.sampling_temperature, with_entropy
+        )
+        out = {"logprobs": logprobs, "entropy": entropy}
+        if with_values and self.value_mode is not None:
+            if self.value_mode == "shared":
+                value_hidden = hidden
+            elif self.value_mode == "adapter":
+                with active_adapter(self.policy, VALUE):
+                    value_hidden = response_hidden(self.policy, input_ids, attention_mask, prompt_len)
+            else:
+                value_hidden = response_hidden(self.critic, input_ids, attention_mask, prompt_len)
+            out["values"] = self.value_head(value_hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return out
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: Batch, idx: torch.Tensor) -> torch.Tensor:
+        """Reference-policy log-probs ``(n, R)``: adapters disabled, or the separate reference."""
+        input_ids, attention_mask, prompt_len = _sequences(batch, idx)
+        if self.reference is not None:
+            model, ctx = self.reference, contextlib.nullcontext()
+        else:
+            model, ctx = self.policy, adapters_disabled(self.policy)
+        with ctx:
+            hidden = response_hidden(model, input_ids, attention_mask, prompt_len)
+            return token_logprobs(model, hidden, batch["response_ids"][idx], self.sampling_temperature)[0]
+
+    # ----------------------------------------------------------------------------- RL step
+    def training_step(self, batch: Batch, batch_idx: int) -> None:
+        self.eval()
+        self._check_finite("reward-model scores", batch["scores"])
+        n = batch["response_ids"].shape[0]
+        mask = batch["response_mask"].float()
+        old, ref = [], []
+        with torch.no_grad():
+            for idx in self._chunks(n):
+                out = self._forward(batch, idx, with_values=True)
+                old.append(out)
+                ref.append(self.reference_logprobs(batch, idx))
+        old_logprobs = torch.cat([o["logprobs"] for o in old])
+        ref_logprobs = torch.cat(ref)
+        old_values = torch.cat([o["values"] for o in old]) if self.value_mode else None
+        self._check_finite("rollout log-probs", old_logprobs)
+        self._check_finite("reference log-probs", ref_logprobs)
+
+        kl_tokens = losses.kl_penalty(old_logprobs, ref_logprobs, self.kl_spec.estimator) * mask
+        advantages, returns = self._advantages(batch, mask, kl_tokens, old_values)
+        stats = self._update(batch, mask, old_logprobs, ref_logprobs, old_values, advantages, returns)
+
+        kl_per_seq = kl_tokens.sum(-1).mean().item()
+        self.kl_ctl.update(kl_per_seq, n)
+        self.rollout_step += 1
+        self._log_rollout(batch, mask, kl_per_seq, stats, old_values, returns)
+
+    def _advantages(
+        self, batch: Batch, mask: torch.Tensor, kl_tokens: torch.Tensor, values: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token advantages ``(N, R)`` and value targets (None for rloo)."""
+        beta = self.kl_ctl.value if self.kl_spec.penalty == "reward" else 0.0
+        scores = batch["scores"].float()
+        if self.algorithm == "rloo":
+            k = batch["samples_per_prompt"]
+            seq_rewards = scores - beta * kl_tokens.sum(-1)
+            advantages = losses.rloo_advantages(seq_rewards, k)[:, None] * mask
+            returns = None
+        else:
+            rewards = -beta * kl_tokens
+            last = (mask.sum(-1).long() - 1).clamp(min=0)
+            rewards[torch.arange(len(last)), last] += scores
+            gamma, lam = (1.0, 1.0) if self.algorithm == "reinforce" else (self.ppo.gamma, self.ppo.lam)
+            advantages, returns = losses.gae(rewards, values, mask, gamma, lam)
+        if self.ppo.whiten_advantages:
+            advantages = losses.masked_whiten(advantages, mask)
+        self._check_finite("advantages", advantages)
+        return advantages, returns
+
+    def _update(
+        self, batch: Batch, mask, old_logprobs, ref_logprobs, old_values, advantages, returns
+    ) -> dict:
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        n = mask.shape[0]
+        sums: dict[str, float] = {}
+        count = 0
+        accumulated = 0
+        for epoch in range(self.ppo.epochs):
+            order = torch.randperm(n, device=mask.device)
+            for idx in self._chunks(n, order):
+                out = self._forward(batch, idx, with_values=True, with_entropy=epoch == 0)
+                m = mask[idx]
+                if self.algorithm == "reinforce":
+                    pg_loss = losses.reinforce_policy_loss(out["logprobs"], advantages[idx], m)
+                    clipfrac = approx_kl = torch.zeros((), device=m.device)
+                else:
+                    pg_loss, clipfrac, approx_kl = losses.ppo_policy_loss(
+                        out["logprobs"], old_logprobs[idx], advantages[idx], m, self.ppo.cliprange
+                    )
+                loss, step_stats = (
+                    pg_loss,
+                    {"policy_loss": pg_loss, "clipfrac": clipfrac, "approx_kl": approx_kl},
+                )
+                if self.value_mode is not None:
+                    cliprange_value = None if self.algorithm == "reinforce" else self.ppo.cliprange_value
+                    vf_loss, vf_clipfrac = losses.value_loss(
+                        out["values"], old_values[idx], returns[idx], m, cliprange_value
+                    )
+                    loss = loss + self.ppo.vf_coef * vf_loss
+                    step_stats |= {"value_loss": vf_loss, "value_clipfrac": vf_clipfrac}
+                if self.kl_spec.penalty == "loss":
+                    kl = losses.masked_mean(
+                        losses.kl_penalty(out["logprobs"], ref_logprobs[idx], self.kl_spec.estimator), m
+                    )
+                    loss = loss + self.kl_ctl.value * kl
+                if out["entropy"] is not None:
+                    step_stats["entropy"] = losses.masked_mean(out["entropy"], m)
+                self._check_finite("loss", loss)
+                self.manual_backward(loss / self.ppo.gradient_accumulation)
+                accumulated += 1
+                if accumulated == self.ppo.gradient_accumulation:
+                    self._optimizer_step(optimizer, scheduler)
+                    accumulated = 0
+                for key, value in step_stats.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                count += 1
+        if accumulated:
+            self._optimizer_step(optimizer, scheduler)
+        stats = {k: v / count for k, v in sums.items()}
+        stats["entropy"] = sums.get("entropy", 0.0) / max(1, -(-n // self.ppo.minibatch_size))
+        return stats
+
+    def _optimizer_step(self, optimizer: Any, scheduler: Any) -> None:
+        if self.ppo.max_grad_norm is not None:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm"
+            )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+
+    def _chunks(self, n: int, order: torch.Tensor | None = None) -> list[torch.Tensor]:
+        order = torch.arange(n, device=self.device) if order is None else order
+        return list(order.split(self.ppo.minibatch_size))
+
+    # ----------------------------------------------------------------------------- validation
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        n = batch["response_ids"].shape[0]
+        mask = batch["response_mask"].float()
+        idx = torch.arange(n, device=self.device)
+        logprobs = self._forward(batch, idx, with_values=False)["logprobs"]
+        kl = (
+            losses.kl_penalty(logprobs, self.reference_logprobs(batch, idx), self.kl_spec.estimator) * mask
+        ).sum(-1)
+        metrics = {
+            "val/reward": batch["raw_scores"].float().mean(),
+            "val/kl": kl.mean(),
+            "val/response_length": mask.sum(-1).mean(),
+            "val/eos_fraction": batch["ended_with_eos"].float().mean(),
+        }
+        reward = metrics.pop("val/reward")
+        self.log_dict(metrics, on_epoch=True, batch_size=n)
+        self.log("val/reward", reward, on_epoch=True, batch_size=n, prog_bar=True)
+
+    # ----------------------------------------------------------------------------- logging, guard
+    def _log_rollout(self, batch: Batch, mask, kl_per_seq: float, stats: dict, values, returns) -> None:
+        n_tokens = mask.sum().item()
+        logs = {f"train/{k}": v for k, v in stats.items()}
+        logs |= {f"train/{k}": float(v) for k, v in batch.get("stats", {}).items()}
+        logs |= {
+            "train/reward_mean": batch["scores"].float().mean().item(),
+            "train/reward_std": batch["scores"].float().std().item(),
+            "train/kl": kl_per_seq,
+            "train/kl_coef": self.kl_ctl.value,
+            "train/response_length": mask.sum(-1).mean().item(),
+            "train/eos_fraction": batch["ended_with_eos"].float().mean().item(),
+            "train/update_tokens_per_s": n_tokens
+            * self.ppo.epochs
+            / max(time.perf_counter() - self._t0, 1e-9),
+            "train/peak_memory_mb": peak_memory_mb(self.device),
+            "train/rollout_step": float(self.rollout_step),
+        }
+        generate_s = batch.get("stats", {}).get("rollout/generate_s")
+        if generate_s:
+            logs["train/generate_tokens_per_s"] = n_tokens / generate_s
+        if values is not None:
+            residual = losses.masked_var(returns - values, mask, unbiased=False)
+            logs["train/explained_variance"] = (
+                1 - residual / losses.masked_var(returns, mask, unbiased=False)
+            ).item()
+        self.log_dict(logs, on_step=True, batch_size=mask.shape[0])
+        self.log(
+            "train/reward", logs["train/reward_mean"], prog_bar=True, on_step=True, batch_size=mask.shape[0]
+        )
+        if (
+            self.log_samples_every
+            and self.rollout_step % self.log_samples_every == 1 % self.log_samples_every
+        ):
+            self._log_samples(batch)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def _log_samples(self, batch: Batch, limit: int = 8) -> None:
+        if not isinstance(self.logger, TensorBoardLogger):
+            return
+        rows = ["| prompt | response | reward |", "|---|---|---|"]
+        for prompt, response, score in list(
+            zip(batch["prompts"], batch["responses"], batch["scores"].tolist(), strict=True)
+        )[:limit]:
+            rows.append(f"| {_cell(prompt)} | {_cell(response)} | {score:.3f} |")
+        self.logger.experiment.add_text("train/samples", "\n".join(rows), self.rollout_step)
+
+    def _check_finite(self, name: str, tensor: torch.Tensor) -> None:
+        if torch.isfinite(tensor).all():
+            return
+        path = (
+            Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            / "nan-guard"
+            / f"rollout-{self.rollout_step}.ckpt"
+        )
+        self.trainer.save_checkpoint(path)
+        raise NonFiniteError(
+            f"non-finite {name} at rollout step {self.rollout_step} (optimiser step {self.global_step}); "
+            f"the last good state is saved at {path} — resume with --ckpt_path after fixing the cause "
+            "(learning rate, reward scale, precision)"
+        )
+
+    # ----------------------------------------------------------------------------- state, export
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["rl_state"] = {
+            "kl_coef": self.kl_ctl.value,
+            "rollout_step": self.rollout_step,
+            "sampling_temperature": self.sampling_temperature,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("rl_state", {})
+        self.kl_ctl.value = state.get("kl_coef", self.kl_ctl.value)
+        self.rollout_step = state.get("rollout_step", 0)
+        self.sampling_temperature = state.get("sampling_temperature", 1.0)
+
+    def save_pretrained(self, path: str | Path, merged: bool = False) -> Path:
+        """Export the policy: a peft adapter folder (``<path>/policy``), or with ``merged`` (or
+        under full fine-tuning) a plain ``transformers`` model; plus the value head (and value
+        adapter) when there is a critic. Tokenizer included.
+        """
+        path = Path(path)
+        if not self.is_lora:
+            self.policy.save_pretrained(path)
+        elif merged:
+            policy = copy.deepcopy(self.policy)
+            if VALUE in policy.peft_config:
+                policy.delete_adapter(VALUE)
+            policy.set_adapter(POLICY)
+            policy.merge_and_unload().save_pretrained(path)
+        else:
+            adapters = [POLICY] + ([VALUE] if self.value_mode == "adapter" else [])
+            self.policy.save_pretrained(path, selected_adapters=adapters)
+        if self.value_head is not None:
+            save_file(
+                {k: v.contiguous() for k, v in self.value_head.state_dict().items()},
+                path / "value_head.safetensors",
+            )
+        self.tokenizer.save_pretrained(path)
+        return path
+
+
+def _sequences(batch: Batch, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Prompt + response ids and mask for rows ``idx``: ``(n, P+R)`` twice, and ``P``."""
+    prompt_ids, response_ids = batch["prompt_ids"][idx], batch["response_ids"][idx]
+    attention_mask = torch.cat([batch["prompt_mask"][idx], batch["response_mask"][idx]], dim=1)
+    return torch.cat([prompt_ids, response_ids], dim=1), attention_mask, prompt_ids.shape[1]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", "⏎")

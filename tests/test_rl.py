@@ -1,0 +1,269 @@
+"""PPOModule: the reference is the bare backbone, masks hold, each algorithm raises reward
+with the backbone untouched, resume is exact, and the NaN guard leaves a loadable checkpoint."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from transformers import AutoModelForCausalLM, ViTConfig, ViTModel
+
+from perlhf.data import RolloutDataModule, synthetic
+from perlhf.losses import logprobs_from_logits
+from perlhf.models import LoraSpec, ModelConfig, build_causal_lm
+from perlhf.modules import PPOModule, RewardModule
+from perlhf.modules.rl import NonFiniteError
+from perlhf.modules.rl_config import KLSpec, PPOSpec
+
+
+@pytest.fixture(scope="session")
+def reward_export(
+    tiny_model_dir: Path, preference_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A LoRA reward model trained on the built-in task, exported in peft format."""
+    from perlhf.data import PreferenceDataModule
+
+    torch.manual_seed(0)
+    config = ModelConfig(name_or_path=str(tiny_model_dir), lora=LoraSpec(r=8, alpha=16, dropout=0.0))
+    module = RewardModule(config, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
+    files = {"train": str(preference_dir / "train.jsonl"), "test": str(preference_dir / "val.jsonl")}
+    data = PreferenceDataModule(
+        path="json", data_files=files, tokenizer=str(tiny_model_dir), max_length=64, batch_size=32
+    )
+    quiet_trainer(tmp_path_factory.mktemp("rm"), max_steps=150, limit_val_batches=0).fit(
+        module, datamodule=data
+    )
+    return module.save_pretrained(tmp_path_factory.mktemp("rm-export") / "adapter")
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic.write_jsonl(
+        synthetic.prompts(400, seed=2), tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    )
+
+
+def quiet_trainer(root: Path, **kwargs) -> L.Trainer:
+    defaults = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "default_root_dir": root,
+    }
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def ppo_module(model_dir: Path, algorithm: str = "ppo", lr: float = 3e-3, **kwargs) -> PPOModule:
+    config = ModelConfig(name_or_path=str(model_dir), lora=LoraSpec(r=8, alpha=16, dropout=0.0))
+    ppo = kwargs.pop("ppo", PPOSpec(epochs=2 if algorithm == "ppo" else 1, minibatch_size=32, vf_coef=0.5))
+    return PPOModule(
+        config, algorithm=algorithm, ppo=ppo, optimizer=lambda p: torch.optim.AdamW(p, lr=lr), **kwargs
+    )
+
+
+def rollout_data(prompts: Path, reward: Path, algorithm: str = "ppo", **kwargs) -> RolloutDataModule:
+    k = 4 if algorithm == "rloo" else 2
+    defaults = {
+        "prompts_per_rollout": 64 // k,
+        "samples_per_prompt": k,
+        "rollouts_per_epoch": 10,
+        "max_new_tokens": 12,
+    }
+    return RolloutDataModule(
+        path=str(prompts), reward_model=str(reward), val_fraction=0.1, **{**defaults, **kwargs}
+    )
+
+
+class RecordRewards(L.Callback):
+    def __init__(self) -> None:
+        self.rewards: list[float] = []
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int
+    ) -> None:
+        self.rewards.append(batch["raw_scores"].mean().item())
+
+
+def rollout_batch(module: PPOModule, responses: list[list[int]], prompts: list[str]) -> dict:
+    """A hand-made rollout batch: left-padded prompts, right-padded responses cut after EOS."""
+    tok = module.tokenizer
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    prompt_ids = [tok(p)["input_ids"] for p in prompts]
+    width = max(map(len, prompt_ids))
+    R = max(map(len, responses))
+    batch = {
+        "prompt_ids": torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids]),
+        "prompt_mask": torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids]),
+        "response_ids": torch.tensor([r + [pad] * (R - len(r)) for r in responses]),
+    }
+    lengths = [r.index(eos) + 1 if eos in r else len(r) for r in responses]
+    batch["response_mask"] = torch.tensor([[int(i < n) for i in range(R)] for n in lengths])
+    return batch
+
+
+def test_reference_logprobs_are_the_bare_base_model(tiny_model_dir: Path) -> None:
+    module = ppo_module(tiny_model_dir)
+    module.configure_model()
+    with torch.no_grad():  # make the policy adapter differ from the base
+        for name, param in module.policy.named_parameters():
+            if "lora_B.policy" in name:
+                param.normal_(0, 0.5)
+    tok = module.tokenizer
+    words = [tok(" red blue green")["input_ids"], tok(" cat")["input_ids"] + [tok.eos_token_id]]
+    prompts = ["Name some colours:", "Name some animals, please:"]
+    batch = rollout_batch(module, words, prompts)
+    idx = torch.arange(2)
+
+    ref = module.reference_logprobs(batch, idx)
+    policy = module._forward(batch, idx, with_values=False)["logprobs"]
+
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for row, (prompt, response) in enumerate(zip(prompts, words, strict=True)):
+        ids = torch.tensor([tok(prompt)["input_ids"] + response])  # unpadded: no position tricks needed
+        with torch.no_grad():
+            logits = fresh(ids).logits[:, -len(response) - 1 : -1]
+        expected = logprobs_from_logits(logits, torch.tensor([response]))[0]
+        torch.testing.assert_close(ref[row, : len(response)], expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(policy, ref, atol=1e-3), "policy adapter should change the log-probs"
+
+
+def test_nothing_counts_on_prompt_padding_or_after_eos(tiny_model_dir: Path) -> None:
+    module = ppo_module(tiny_model_dir)
+    module.configure_model()
+    tok = module.tokenizer
+    eos = tok.eos_token_id
+    responses = [tok(" red")["input_ids"] + [eos, 5, 6, 7], tok(" cat dog horse")["input_ids"] + [eos]]
+    batch = rollout_batch(module, responses, ["Name some colours:", "Name some animals:"])
+    junk = copy.deepcopy(batch)
+    junk["response_ids"][batch["response_mask"] == 0] = 9  # garbage after EOS and in padding
+    junk["prompt_ids"][batch["prompt_mask"] == 0] = 11  # garbage in left padding
+    idx = torch.arange(2)
+    mask = batch["response_mask"].float()
+    assert mask[0].tolist()[: len(responses[0]) - 2] == [1.0] * (len(responses[0]) - 3) + [0.0]
+
+    clean_out = module._forward(batch, idx, with_values=True)
+    junk_out = module._forward(junk, idx, with_values=True)
+    for key in ("logprobs", "values"):
+        torch.testing.assert_close(clean_out[key] * mask, junk_out[key] * mask, rtol=0, atol=1e-6)
+
+    batch["scores"] = torch.tensor([1.0, -1.0])
+    kl = torch.randn_like(mask) * mask
+    advantages, returns = module._advantages(batch, mask, kl, clean_out["values"])
+    assert torch.all(advantages[mask == 0] == 0) and torch.all(returns[mask == 0] == 0)
+    last = mask.sum(-1).long() - 1
+    # The sequence score lands on the EOS token (the last counted one), not on padding after it.
+    gamma_returns = returns[torch.arange(2), last] + clean_out["values"][torch.arange(2), last]
+    assert gamma_returns.shape == (2,)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "reinforce", "rloo"])
+def test_each_algorithm_raises_reward_and_leaves_the_backbone_alone(
+    algorithm: str, tiny_model_dir: Path, reward_export: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    module = ppo_module(tiny_model_dir, algorithm)
+    module.configure_model()
+    frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    record = RecordRewards()
+    data = rollout_data(prompts_file, reward_export, algorithm)
+    quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[record]).fit(
+        module, datamodule=data
+    )
+
+    first, last = sum(record.rewards[:4]) / 4, sum(record.rewards[-4:]) / 4
+    assert len(record.rewards) == 20
+    assert last > first + 1.0, f"{algorithm}: mean reward {first:.2f} -> {last:.2f}"
+    for name, param in module.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]), f"backbone tensor {name} changed"
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == set(trained), (
+        "trainable set drifted"
+    )
+    changed = {n for n, p in module.named_parameters() if n in trained and not torch.equal(p, trained[n])}
+    assert any(".lora_A.policy" in n for n in changed)
+    if algorithm == "rloo":
+        assert module.value_head is None and not any(".value." in n for n in trained)
+    else:
+        assert any(".lora_A.value" in n for n in changed) and "value_head.weight" in changed
+
+
+def test_resume_reproduces_the_next_updates(
+    tiny_model_dir: Path, reward_export: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    kl = KLSpec(coef=0.1, adaptive=True, target=0.5, horizon=200)
+
+    def run(root: Path, epochs: int, ckpt_path: str | None = None) -> tuple[PPOModule, L.Trainer]:
+        torch.manual_seed(0)
+        module = ppo_module(tiny_model_dir, kl=kl)
+        data = rollout_data(prompts_file, reward_export, rollouts_per_epoch=3)
+        callbacks = [ModelCheckpoint(dirpath=root / "ckpt", save_last=True)]
+        t = quiet_trainer(
+            root, max_epochs=epochs, limit_val_batches=0, enable_checkpointing=True, callbacks=callbacks
+        )
+        t.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        return module, t
+
+    straight, _ = run(tmp_path / "straight", epochs=2)
+    first, first_trainer = run(tmp_path / "first", epochs=1)
+    checkpoint = torch.load(tmp_path / "first" / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["rl_state"]["kl_coef"] == first.kl_ctl.value != 0.1
+    assert all("lora_" in k or "value_head" in k for k in checkpoint["state_dict"])
+    resumed, _ = run(tmp_path / "resumed", epochs=2, ckpt_path=str(tmp_path / "first" / "ckpt" / "last.ckpt"))
+
+    assert resumed.rollout_step == straight.rollout_step == 6
+    assert resumed.kl_ctl.value == pytest.approx(straight.kl_ctl.value, rel=1e-6)
+    final = dict(resumed.named_parameters())
+    for name, param in straight.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(final[name], param, rtol=0, atol=1e-5)
+
+
+def test_nan_reward_stops_with_a_loadable_checkpoint(
+    tiny_model_dir: Path, reward_export: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    class PoisonSecondRollout(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == 1:
+                self.good = {
+                    n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad
+                }
+                batch["scores"][3] = float("nan")
+
+    poison = PoisonSecondRollout()
+    module = ppo_module(tiny_model_dir)
+    with pytest.raises(NonFiniteError, match=r"non-finite reward-model scores at rollout step 1"):
+        quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=0, callbacks=[poison]).fit(
+            module, datamodule=rollout_data(prompts_file, reward_export)
+        )
+    saved = tmp_path / "nan-guard" / "rollout-1.ckpt"
+    checkpoint = torch.load(saved, weights_only=True)
+    fresh = ppo_module(tiny_model_dir)
+    fresh.configure_model()
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"], strict=False)
+    restored = dict(fresh.named_parameters())
+    for name, value in poison.good.items():
+        assert torch.equal(restored[name], value), name
+
+
+def test_policy_must_be_a_causal_lm(tmp_path: Path) -> None:
+    config = ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=8,
+        patch_size=4,
+    )
+    ViTModel(config).save_pretrained(tmp_path / "vit")
+    with pytest.raises(ValueError, match="not a causal language model"):
+        build_causal_lm(ModelConfig(name_or_path=str(tmp_path / "vit")))
