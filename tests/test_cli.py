@@ -43,7 +43,9 @@ def test_quickstart_reward_config_trains_through_the_cli(
 
     run_dir = Path(cli.trainer.log_dir).resolve()
     assert run_dir.is_relative_to((tmp_path / "checkpoints" / "quickstart-reward").resolve())
-    assert (run_dir / "export" / "adapter" / "adapter_config.json").exists()
+    assert (
+        tmp_path / "checkpoints" / "quickstart" / "reward-model" / "adapter" / "adapter_config.json"
+    ).exists()
     events = EventAccumulator(str(run_dir)).Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss_step", "val/accuracy", "val/margin", "val/chosen_reward"} <= tags
