@@ -229,3 +229,29 @@ def test_classifier_objective_learns_good_bad_labels(tiny_model_dir: Path, tmp_p
     trainer(tmp_path, max_steps=120, limit_val_batches=0).fit(module, datamodule=data)
     metrics = trainer(tmp_path).validate(module, datamodule=data, verbose=False)[0]
     assert metrics["val/accuracy"] >= 0.8 and metrics["val/auroc"] >= 0.85, metrics
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(tiny_model_dir: Path) -> None:
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        config = ModelConfig(
+            name_or_path=str(tiny_model_dir),
+            lora=LoraSpec(r=4, alpha=8, dropout=0.0),
+            gradient_checkpointing=checkpointing,
+        )
+        model = build_reward_model(config, pad_token_id=1).train()
+        for module in model.modules():  # deterministic forward: no dropout
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.fill_(0.1)
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 1, 1]])
+        model(input_ids=ids, attention_mask=(ids != 1).long()).logits.sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert any(n for n in grads[1] if "lora_A" in n)
+    for name, grad in grads[0].items():
+        assert grads[1][name] is not None, f"no gradient reached {name} under checkpointing"
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)

@@ -267,3 +267,67 @@ def test_policy_must_be_a_causal_lm(tmp_path: Path) -> None:
     ViTModel(config).save_pretrained(tmp_path / "vit")
     with pytest.raises(ValueError, match="not a causal language model"):
         build_causal_lm(ModelConfig(name_or_path=str(tmp_path / "vit")))
+
+
+@pytest.mark.parametrize(
+    ("finetune", "value"), [("lora", "shared"), ("lora", "separate"), ("full", "separate")]
+)
+def test_other_critic_layouts_and_full_finetuning_train(
+    finetune: str, value: str, tiny_model_dir: Path, reward_export: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    config = ModelConfig(
+        name_or_path=str(tiny_model_dir), finetune=finetune, lora=LoraSpec(r=8, alpha=16, dropout=0.0)
+    )
+    module = PPOModule(
+        config,
+        value=value,
+        ppo=PPOSpec(epochs=1, minibatch_size=32),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+    )
+    module.configure_model()
+    assert (module.reference is not None) == (finetune == "full"), (
+        "full fine-tuning needs a frozen reference copy"
+    )
+    assert (module.critic is not None) == (value == "separate")
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    data = rollout_data(prompts_file, reward_export, rollouts_per_epoch=2)
+    quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=0).fit(module, datamodule=data)
+    after = dict(module.named_parameters())
+    assert not torch.equal(after["value_head.weight"], before["value_head.weight"])
+    policy_weight = next(
+        n for n in before if n.startswith("policy.") and ("lora_A.policy" in n or finetune == "full")
+    )
+    assert not torch.equal(after[policy_weight], before[policy_weight])
+    if module.reference is not None:
+        assert all(not p.requires_grad for p in module.reference.parameters())
+
+
+def test_policy_export_reloads_with_plain_peft(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    module = ppo_module(tiny_model_dir)
+    module.configure_model()
+    with torch.no_grad():
+        for name, param in module.policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    module.save_pretrained(tmp_path / "export")
+    module.save_pretrained(tmp_path / "merged", merged=True)
+    tok = module.tokenizer
+    response = tok(" red blue")["input_ids"]
+    batch = rollout_batch(module, [response], ["Name some colours:"])
+    expected = module._forward(batch, torch.arange(1), with_values=False)["logprobs"][0]
+    ids = torch.tensor([tok("Name some colours:")["input_ids"] + response])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reloaded = [
+        PeftModel.from_pretrained(base, tmp_path / "export" / "policy").eval(),
+        AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval(),
+    ]
+    for model in reloaded:
+        with torch.no_grad():
+            logits = model(ids).logits[:, -len(response) - 1 : -1]
+        torch.testing.assert_close(
+            logprobs_from_logits(logits, torch.tensor([response]))[0], expected, rtol=0, atol=1e-5
+        )
+    assert (tmp_path / "export" / "value" / "adapter_config.json").exists()
+    assert (tmp_path / "export" / "value_head.safetensors").exists()
