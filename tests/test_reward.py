@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
+from helpers import quiet_trainer as trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, ViTConfig, ViTModel
@@ -31,20 +32,6 @@ def preference_data(data_dir: Path, model_dir: Path, **kwargs) -> PreferenceData
     return PreferenceDataModule(
         path="json", data_files=files, tokenizer=str(model_dir), max_length=64, **kwargs
     )
-
-
-def trainer(root: Path, **kwargs) -> L.Trainer:
-    defaults = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "default_root_dir": root,
-    }
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 def snapshot(module: torch.nn.Module, trainable: bool) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
+from helpers import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM, ViTConfig, ViTModel
 
@@ -45,20 +46,6 @@ def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthetic.write_jsonl(
         synthetic.prompts(400, seed=2), tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
     )
-
-
-def quiet_trainer(root: Path, **kwargs) -> L.Trainer:
-    defaults = {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "num_sanity_val_steps": 0,
-        "default_root_dir": root,
-    }
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 def ppo_module(model_dir: Path, algorithm: str = "ppo", lr: float = 3e-3, **kwargs) -> PPOModule:
