@@ -20,3 +20,19 @@ def quiet_trainer(root: Path, **kwargs) -> L.Trainer:
         "default_root_dir": root,
     }
     return L.Trainer(**{**defaults, **kwargs})
+
+
+def save_tiny_vit(path: Path) -> str:
+    """A tiny vision model: neither a causal LM nor a sequence classifier. Returns its folder."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=8,
+        patch_size=4,
+    )
+    ViTModel(config).save_pretrained(path)
+    return str(path)

@@ -10,9 +10,10 @@ import lightning.pytorch as L
 import pytest
 import torch
 from helpers import quiet_trainer as trainer
+from helpers import save_tiny_vit
 from lightning.pytorch.callbacks import ModelCheckpoint
 from peft import PeftModel
-from transformers import AutoModelForSequenceClassification, ViTConfig, ViTModel
+from transformers import AutoModelForSequenceClassification
 
 from perlhf.data import PreferenceDataModule
 from perlhf.models import LoraSpec, ModelConfig, build_reward_model
@@ -151,17 +152,9 @@ def test_export_reloads_with_plain_transformers_and_peft(
 
 
 def test_not_a_sequence_classifier_is_rejected(tmp_path: Path) -> None:
-    config = ViTConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        image_size=8,
-        patch_size=4,
-    )
-    ViTModel(config).save_pretrained(tmp_path / "vit")
+    vit = save_tiny_vit(tmp_path / "vit")
     with pytest.raises(ValueError, match="no sequence-classification variant"):
-        build_reward_model(ModelConfig(name_or_path=str(tmp_path / "vit")), pad_token_id=0)
+        build_reward_model(ModelConfig(name_or_path=vit), pad_token_id=0)
 
 
 def test_lora_target_matching_nothing_is_rejected(tiny_model_dir: Path) -> None:

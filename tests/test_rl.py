@@ -9,9 +9,9 @@ from pathlib import Path
 import lightning.pytorch as L
 import pytest
 import torch
-from helpers import quiet_trainer
+from helpers import quiet_trainer, save_tiny_vit
 from lightning.pytorch.callbacks import ModelCheckpoint
-from transformers import AutoModelForCausalLM, ViTConfig, ViTModel
+from transformers import AutoModelForCausalLM
 
 from perlhf.data import RolloutDataModule, synthetic
 from perlhf.losses import logprobs_from_logits
@@ -243,17 +243,9 @@ def test_nan_reward_stops_with_a_loadable_checkpoint(
 
 
 def test_policy_must_be_a_causal_lm(tmp_path: Path) -> None:
-    config = ViTConfig(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        image_size=8,
-        patch_size=4,
-    )
-    ViTModel(config).save_pretrained(tmp_path / "vit")
+    vit = save_tiny_vit(tmp_path / "vit")
     with pytest.raises(ValueError, match="not a causal language model"):
-        build_causal_lm(ModelConfig(name_or_path=str(tmp_path / "vit")))
+        build_causal_lm(ModelConfig(name_or_path=vit))
 
 
 @pytest.mark.parametrize(
