@@ -1,11 +1,15 @@
-"""Callbacks: export the trained adapter in Hugging Face format when fitting ends."""
+"""Callbacks: export the trained model in Hugging Face format; score rollouts with a gold function."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as L
 from lightning.pytorch.utilities import rank_zero_info
+
+from perlhf.data import synthetic
 
 
 class ExportPretrained(L.Callback):
@@ -33,3 +37,42 @@ class ExportPretrained(L.Callback):
                 pl_module.save_pretrained(root / "merged", merged=True)
             rank_zero_info(f"exported {type(pl_module).__name__} to {root}")
         trainer.strategy.barrier()
+
+
+class GoldScore(L.Callback):
+    """Score every rollout with a hidden gold function and log it beside the reward model's score.
+
+    The gold function plays the human whom the reward model imitates; logging both is how reward
+    over-optimisation shows (the reward-model score climbs while the gold score stalls or falls).
+    Works with any rollout batch that carries ``prompts`` and ``responses`` texts
+    (``RolloutDataModule``). Logs ``train/gold_score`` per rollout and ``val/gold_score`` per
+    validation.
+
+    Args:
+        scorer: ``scorer(prompt, response) -> float``; default: the built-in task's gold scorer.
+    """
+
+    def __init__(self, scorer: Callable[[str, str], float] = synthetic.gold_score) -> None:
+        self.scorer = scorer
+
+    def _mean(self, batch: dict[str, Any]) -> tuple[float, int]:
+        scores = [self.scorer(p, r) for p, r in zip(batch["prompts"], batch["responses"], strict=True)]
+        return sum(scores) / len(scores), len(scores)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        mean, n = self._mean(batch)
+        pl_module.log("train/gold_score", mean, on_step=True, on_epoch=False, batch_size=n)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        mean, n = self._mean(batch)
+        pl_module.log("val/gold_score", mean, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)

@@ -1,9 +1,11 @@
 """The built-in "topic words" task: a hidden gold scorer that plays the human labeller.
 
-A prompt asks for words on a topic (``"Name some colours:"``); a response is a short list of
-words. The gold score rewards distinct on-topic words and penalises off-topic and repeated ones,
-so it depends on both prompt and response — a reward model must read the prompt to learn it.
-Preference labels come from the gold score through Bradley–Terry noise, as human labels do.
+A prompt asks for words on a topic in one of several phrasings (``"Name some colours:"``,
+``"Which animals do you know?"``); a response is a short list of words. The gold score rewards
+distinct on-topic words and penalises off-topic and repeated ones, so it depends on both prompt
+and response — a reward model must read the prompt to learn it. Preference labels come from the
+gold score through Bradley–Terry noise, as human labels do; SFT demonstrations are good but
+imperfect, as human demonstrations are. One phrasing per topic is held out of all training.
 
 The task is small enough that a model of a few hundred thousand parameters learns it on a CPU in
 a minute, which makes it the offline quickstart and the test bed for every module.
@@ -16,6 +18,7 @@ import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 TOPICS: dict[str, tuple[str, ...]] = {
     "colours": ("red", "blue", "green", "yellow", "purple", "orange", "pink", "brown"),
@@ -24,18 +27,41 @@ TOPICS: dict[str, tuple[str, ...]] = {
     "tools": ("hammer", "saw", "drill", "wrench", "chisel", "spade", "rake", "axe"),
 }
 VOCABULARY: tuple[str, ...] = tuple(w for words in TOPICS.values() for w in words)
-PROMPT_TEMPLATE = "Name some {topic}:"
+TEMPLATES: tuple[str, ...] = (
+    "Name some {topic}:",
+    "List a few {topic}:",
+    "Which {topic} do you know?",
+    "Give me some {topic}:",
+)
+PROMPT_TEMPLATE = TEMPLATES[0]
 MAX_WORDS = 8
+Split = Literal["train", "heldout", "all"]
 
 
-def make_prompt(topic: str) -> str:
-    return PROMPT_TEMPLATE.format(topic=topic)
+def make_prompt(topic: str, template: int = 0) -> str:
+    return TEMPLATES[template].format(topic=topic)
+
+
+def prompt_pool(split: Split = "train") -> list[str]:
+    """Every (topic, phrasing) prompt of ``split``.
+
+    Each topic has one phrasing held out (topic ``i`` loses template ``i mod 4``): the 12
+    ``train`` prompts feed SFT, reward modelling and RL; the 4 ``heldout`` prompts measure
+    whether the policy generalises to phrasings it never trained on.
+    """
+    pool = []
+    for i, topic in enumerate(TOPICS):
+        for t in range(len(TEMPLATES)):
+            heldout = t == i % len(TEMPLATES)
+            if split == "all" or (split == "heldout") == heldout:
+                pool.append(make_prompt(topic, t))
+    return pool
 
 
 def topic_of(prompt: str) -> str:
     """The topic a prompt asks about; raises ``ValueError`` for prompts outside the task."""
     for topic in TOPICS:
-        if make_prompt(topic) in prompt:
+        if any(template.format(topic=topic) in prompt for template in TEMPLATES):
             return topic
     raise ValueError(f"not a topic-words prompt: {prompt!r}")
 
@@ -75,17 +101,42 @@ def random_response(rng: random.Random, topic: str) -> str:
     return " " + " ".join(words)
 
 
-def preference_pairs(n: int, seed: int = 0, beta: float = 2.0, noisy: bool = True) -> Iterator[dict]:
+def demonstration(rng: random.Random, topic: str) -> str:
+    """A good but imperfect human demonstration: 2–5 distinct words, each off-topic with
+    probability 0.15 (a careless rater), never repeated."""
+    n = rng.randint(2, 5)
+    words: list[str] = []
+    while len(words) < n:
+        pool = TOPICS[topic] if rng.random() >= 0.15 else VOCABULARY
+        word = rng.choice(pool)
+        if word not in words:
+            words.append(word)
+    return " " + " ".join(words)
+
+
+def demonstrations(n: int, seed: int = 0, split: Split = "train") -> Iterator[dict]:
+    """Yield ``n`` SFT rows ``{"prompt", "completion"}`` of demonstrations on ``split`` prompts."""
+    rng = random.Random(seed)
+    pool = prompt_pool(split)
+    for _ in range(n):
+        prompt = rng.choice(pool)
+        yield {"prompt": prompt, "completion": demonstration(rng, topic_of(prompt))}
+
+
+def preference_pairs(
+    n: int, seed: int = 0, beta: float = 2.0, noisy: bool = True, split: Split = "train"
+) -> Iterator[dict]:
     """Yield ``n`` rows ``{"prompt", "chosen", "rejected", "gold_margin"}``.
 
     With ``noisy``, the chosen response wins with probability ``σ(beta · Δgold)`` (Bradley–Terry
     labeller); without, the higher gold score always wins. Ties are resampled.
     """
     rng = random.Random(seed)
+    pool = prompt_pool(split)
     made = 0
     while made < n:
-        topic = rng.choice(list(TOPICS))
-        prompt = make_prompt(topic)
+        prompt = rng.choice(pool)
+        topic = topic_of(prompt)
         a, b = random_response(rng, topic), random_response(rng, topic)
         delta = gold_score(prompt, a) - gold_score(prompt, b)
         if delta == 0:
@@ -96,19 +147,22 @@ def preference_pairs(n: int, seed: int = 0, beta: float = 2.0, noisy: bool = Tru
         yield {"prompt": prompt, "chosen": chosen, "rejected": rejected, "gold_margin": abs(delta)}
 
 
-def prompts(n: int, seed: int = 0) -> Iterator[dict]:
-    """Yield ``n`` prompt rows ``{"prompt"}`` for RL."""
+def prompts(n: int, seed: int = 0, split: Split = "train") -> Iterator[dict]:
+    """Yield ``n`` prompt rows ``{"prompt"}`` of ``split`` for RL."""
     rng = random.Random(seed)
+    pool = prompt_pool(split)
     for _ in range(n):
-        yield {"prompt": make_prompt(rng.choice(list(TOPICS)))}
+        yield {"prompt": rng.choice(pool)}
 
 
 def corpus(n: int = 2000, seed: int = 0) -> Iterator[str]:
-    """Task text for training the tiny tokenizer."""
+    """"Pretraining" text (every phrasing, responses of random quality) for the tiny tokenizer
+    and base model."""
     rng = random.Random(seed)
+    pool = prompt_pool("all")
     for _ in range(n):
-        topic = rng.choice(list(TOPICS))
-        yield make_prompt(topic) + random_response(rng, topic)
+        prompt = rng.choice(pool)
+        yield prompt + random_response(rng, topic_of(prompt))
 
 
 def write_jsonl(rows: Iterator[dict], path: str | Path) -> Path:
