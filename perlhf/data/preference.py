@@ -22,7 +22,7 @@ from perlhf.data.rollout_utils import right_pad
 from perlhf.data.sampler import EpochSeededSampler
 from perlhf.models import load_tokenizer
 
-Format = Literal["auto", "explicit", "implicit", "conversational", "scored", "classifier"]
+Format = Literal["auto", "explicit", "implicit", "conversational", "scored", "tldr", "classifier"]
 
 
 class PreferenceDataModule(L.LightningDataModule):

@@ -10,6 +10,10 @@ which stops Lightning from prefetching a batch: every rollout is sampled from th
 The prompt stream is a pure function of ``(seed, rollouts drawn so far)`` — passes over the
 prompt set, each in an order drawn from ``(seed, pass)`` — and the count is checkpointed with
 the running reward statistics, so a resumed run continues the same stream.
+
+Prompts come from a prompt column, or from a preference dataset in one of the pairwise formats
+of ``perlhf.data.formats`` (the reward model's own training data): each row is reduced to the
+prompt the reward model saw in training.
 """
 
 from __future__ import annotations
@@ -26,6 +30,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from perlhf.data.formats import (
+    CANONICAL,
+    FORMATS,
+    OPTIONAL,
+    PAIRWISE,
+    RowError,
+    prompt_messages,
+    prompt_of,
+)
 from perlhf.data.loading import Splits, load_dataset_dict, tokenizer_name_from, train_val_splits
 from perlhf.data.rollout_utils import (
     Prompt,
@@ -33,6 +46,7 @@ from perlhf.data.rollout_utils import (
     cut_at_eos,
     encode,
     encode_prompt,
+    join_for_reward,
     left_pad,
     load_reward_model,
     max_positions,
@@ -44,6 +58,7 @@ from perlhf.data.sampler import EpochSeededSampler
 from perlhf.models import DTYPES, load_tokenizer
 
 Batch = dict[str, Any]
+PromptFormat = Literal["prompt", "explicit", "implicit", "conversational", "scored", "tldr"]
 
 
 class RolloutDataset(IterableDataset):
@@ -83,8 +98,24 @@ class RolloutDataModule(L.LightningDataModule):
         train_split: Split whose prompts are sampled for training.
         val_split: Split of held-out prompts; None or absent: ``val_fraction`` of the train split.
         val_fraction: Share of the train split held out when there is no validation split.
+        format: ``prompt``: a prompt column (``prompt_column``). A pairwise preference format
+            (``explicit``, ``implicit``, ``conversational``, ``scored``, ``tldr``; see
+            ``PreferenceDataModule``): each row's prompt, rendered as for the reward model;
+            ``conversational`` keeps the messages, so the reward model renders them with its own
+            chat template. Rows are not de-duplicated: a prompt shared by several rows (HH-RLHF
+            first turns, SHP posts with several comment pairs, TL;DR posts with several
+            comparisons) is drawn once per row, so proportionally more often.
+        columns: Canonical column name -> dataset column name for the preference formats.
+        response_marker: Text that opens the reply in ``implicit`` transcripts.
         prompt_column: Column holding a prompt string or a list of ``{"role", "content"}``
-            messages (rendered with the policy tokenizer's chat template, generation prompt added).
+            messages (rendered with the policy tokenizer's chat template, generation prompt added);
+            ``format="prompt"`` only.
+        apply_chat_template: Wrap string prompts (stripped) in a user message rendered with the
+            policy tokenizer's chat template, as instruct policies expect. The reward model still
+            scores the original string + response, as it was trained on that format's strings
+            (with a space between them when the string ends in a non-space and the response
+            starts with one); a reward model trained on chat messages wants message prompts
+            (``conversational`` format or message lists) instead.
         max_prompt_length: Maximum prompt tokens (policy tokenizer).
         overlong_prompt: Longer prompts: ``truncate`` (keep the last tokens) or ``error``.
         max_train_prompts: Use at most this many training prompts.
@@ -119,7 +150,11 @@ class RolloutDataModule(L.LightningDataModule):
         train_split: str = "train",
         val_split: str | None = "test",
         val_fraction: float = 0.05,
+        format: PromptFormat = "prompt",
+        columns: dict[str, str] | None = None,
+        response_marker: str = "\n\nAssistant:",
         prompt_column: str = "prompt",
+        apply_chat_template: bool = False,
         max_prompt_length: int = 256,
         overlong_prompt: Literal["error", "truncate"] = "truncate",
         max_train_prompts: int | None = None,
@@ -166,10 +201,26 @@ class RolloutDataModule(L.LightningDataModule):
             )
         if reward_clip is not None and reward_clip <= 0:
             raise ValueError(f"reward_clip must be positive, got {reward_clip}")
+        if format not in ("prompt", *PAIRWISE):
+            raise ValueError(f"format must be one of {['prompt', *PAIRWISE]}, got {format!r}")
+        if format == "prompt" and columns:
+            raise ValueError("columns maps preference-format columns; with format='prompt' set prompt_column")
+        if format != "prompt" and prompt_column != "prompt":
+            raise ValueError(
+                f"prompt_column is for format='prompt'; with format={format!r} map columns with "
+                "columns={'<canonical>': '<column>'}"
+            )
+        unknown = sorted(set(columns or {}) - CANONICAL)
+        if unknown:
+            raise ValueError(
+                f"columns keys {unknown} are not canonical column names; the keys are canonical "
+                f"names ({sorted(CANONICAL)}), the values dataset columns"
+            )
         self.save_hyperparameters()
         self.path, self.data_files, self.name, self.data_dir = path, data_files, name, data_dir
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
-        self.prompt_column = prompt_column
+        self.format, self.columns, self.response_marker = format, dict(columns or {}), response_marker
+        self.prompt_column, self.apply_chat_template = prompt_column, apply_chat_template
         self.max_prompt_length, self.overlong_prompt = max_prompt_length, overlong_prompt
         self.max_prompts = {"train": max_train_prompts, "val": max_val_prompts}
         self.tokenizer_name = tokenizer
@@ -198,6 +249,11 @@ class RolloutDataModule(L.LightningDataModule):
             self.tokenizer = load_tokenizer(
                 tokenizer_name_from(self, self.tokenizer_name, "policy tokenizer")
             )
+        if self.apply_chat_template and not self.tokenizer.chat_template:
+            raise ValueError(
+                f"apply_chat_template=True needs a policy tokenizer with a chat template, and "
+                f"{self.tokenizer.name_or_path!r} has none; set it to False or use a chat model"
+            )
         if self.reward_model is None:
             self.reward_model, self.reward_tokenizer = load_reward_model(
                 self.reward_model_name, self.reward_base, self.reward_dtype, self.reward_trust_remote_code
@@ -216,26 +272,74 @@ class RolloutDataModule(L.LightningDataModule):
         self, key: str, split: str, dataset: Dataset, row_ids: list[int] | None
     ) -> list[Prompt]:
         source = self._source(split)
-        if self.prompt_column not in dataset.column_names:
-            raise ValueError(
-                f"{source} has no column {self.prompt_column!r} (prompt_column); "
-                f"columns: {dataset.column_names}"
-            )
         if len(dataset) == 0:
             raise ValueError(f"{source} has no prompts for {key}")
         prompts = []
-        for index, value in enumerate(dataset[self.prompt_column]):
-            row = index if row_ids is None else row_ids[index]
-            where = f"{source} row {row}, column {self.prompt_column!r}"
-            prompts.append(
-                encode_prompt(value, self.tokenizer, self.max_prompt_length, self.overlong_prompt, where)
-            )
+        for value, where in self._prompt_values(source, dataset, row_ids):
+            prompts.append(self._encode(value, where))
         self.num_truncated[key] = sum(p.truncated for p in prompts)
         rank_zero_info(
             f"{source} ({key}): {len(prompts)} prompts, {self.num_truncated[key]} "
             f"truncated to their last max_prompt_length={self.max_prompt_length} tokens"
         )
         return prompts
+
+    def _prompt_values(
+        self, source: str, dataset: Dataset, row_ids: list[int] | None
+    ) -> Iterator[tuple[Any, str]]:
+        """``(prompt string or messages, where)`` per row; ``where`` names the row in errors."""
+        found = dataset.column_names
+        if self.format == "prompt":
+            if self.prompt_column not in found:
+                raise ValueError(
+                    f"{source} has no column {self.prompt_column!r} (prompt_column); columns: {found}"
+                )
+            for index, value in enumerate(dataset[self.prompt_column]):
+                row = index if row_ids is None else row_ids[index]
+                yield value, f"{source} row {row}, column {self.prompt_column!r}"
+            return
+        view = self._resolve_columns(source, found)
+        for index, record in enumerate(dataset.select_columns(list(dict.fromkeys(view.values())))):
+            row = index if row_ids is None else row_ids[index]
+            canonical = {name: record[column] for name, column in view.items()}
+            try:
+                if self.format == "conversational":
+                    value: Any = prompt_messages(canonical)
+                else:
+                    value = prompt_of(self.format, canonical, response_marker=self.response_marker)
+            except RowError as err:
+                column = view[err.column]
+                mapped = "" if column == err.column else f" (dataset column {column!r})"
+                raise ValueError(f"{source} row {row}: {err}{mapped}") from None
+            yield value, f"{source} row {row} (format {self.format!r})"
+
+    def _resolve_columns(self, source: str, found: list[str]) -> dict[str, str]:
+        """Canonical name -> dataset column of the columns the format reads."""
+        for canonical, column in self.columns.items():
+            if column not in found:
+                raise ValueError(
+                    f"{source}: columns={{{canonical!r}: {column!r}}} names a missing column; "
+                    f"columns found: {found}"
+                )
+        view = {**{c: c for c in found if c in CANONICAL}, **self.columns}
+        for column in FORMATS[self.format]:
+            if column not in view:
+                raise ValueError(
+                    f"{source}: format {self.format!r} needs column {column!r}, which is missing; "
+                    f"columns found: {found}; map one with columns={{{column!r}: '<column>'}}"
+                )
+        wanted = [c for c in FORMATS[self.format] + OPTIONAL[self.format] if c != "margin"]
+        return {c: view[c] for c in wanted if c in view}
+
+    def _encode(self, value: Any, where: str) -> Prompt:
+        """Encode one prompt; with ``apply_chat_template`` a string becomes a chat user turn for the
+        policy, while the reward model keeps scoring the string itself."""
+        wrap = self.apply_chat_template and isinstance(value, str)
+        chat = [{"role": "user", "content": value.strip()}] if wrap else value
+        prompt = encode_prompt(chat, self.tokenizer, self.max_prompt_length, self.overlong_prompt, where)
+        if wrap:
+            prompt.messages, prompt.reward_text = None, value
+        return prompt
 
     def _source(self, split: str) -> str:
         """``file[split]`` (or ``path[split]``) for messages that point at a row."""
@@ -318,8 +422,16 @@ class RolloutDataModule(L.LightningDataModule):
         response_ids, response_mask, ended = cut_at_eos(generated, tok.eos_token_id, tok.pad_token_id)
         responses = tok.batch_decode(response_ids, skip_special_tokens=True)
         texts = [p.text for p in prompts]
+        reward_prompts, reward_responses = [], []
+        for prompt, response in zip(prompts, responses, strict=True):
+            if prompt.reward_text is None:
+                reward_prompts.append(prompt.text)
+                reward_responses.append(response)
+            else:
+                reward_prompts.append(prompt.reward_text)
+                reward_responses.append(join_for_reward(prompt.reward_text, response))
         start = time.perf_counter()
-        raw = self._score(texts, responses, [p.messages for p in prompts])
+        raw = self._score(reward_prompts, reward_responses, [p.messages for p in prompts])
         score_s = time.perf_counter() - start
         scores, stats = shape_rewards(
             raw, ended, self.missing_eos_penalty, self.reward_clip, self.moments, update=train

@@ -48,6 +48,18 @@ class Prompt:
     None for plain-text prompts and truncated chat prompts (the reward model then sees ``text``)."""
     truncated: bool = False
     """Whether the prompt was cut to its last ``max_prompt_length`` tokens."""
+    reward_text: str | None = None
+    """What the reward model scores in place of ``text`` (a string prompt that was wrapped in the
+    policy's chat template: the reward model was trained on the string); None: ``text``."""
+
+
+def join_for_reward(prompt: str, response: str) -> str:
+    """``response`` as it continues a plain ``prompt`` for the reward model: with a leading space
+    when the prompt ends in a non-space (``"...TL;DR:"``, ``"...Assistant:"``) and the response,
+    sampled after a chat template, starts without one."""
+    if prompt and not prompt[-1].isspace() and response and not response[0].isspace():
+        return " " + response
+    return response
 
 
 def encode_prompt(
