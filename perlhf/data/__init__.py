@@ -2,5 +2,6 @@
 
 from perlhf.data.preference import PreferenceDataModule
 from perlhf.data.rollout import RolloutDataModule
+from perlhf.data.sft import SFTDataModule
 
-__all__ = ["PreferenceDataModule", "RolloutDataModule"]
+__all__ = ["PreferenceDataModule", "RolloutDataModule", "SFTDataModule"]

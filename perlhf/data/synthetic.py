@@ -86,9 +86,19 @@ def gold_score(prompt: str, response: str) -> float:
     return score
 
 
-def random_response(rng: random.Random, topic: str) -> str:
-    """A response of 2–6 words mixing on-topic, off-topic and repeated words."""
-    n = rng.randint(2, 6)
+def junk_word(rng: random.Random) -> str:
+    """Gibberish, as degenerate generations produce: 1–6 random characters (ASCII symbols and
+    letters, control characters, accented letters)."""
+    pools = ((33, 126), (33, 126), (14, 27), (0xC0, 0x24F))  # no whitespace: 28–31 split words
+    return "".join(chr(rng.randint(*rng.choice(pools))) for _ in range(rng.randint(1, 6)))
+
+
+def random_response(rng: random.Random, topic: str, junk: float = 0.1) -> str:
+    """A response of 1–8 words mixing on-topic, off-topic and repeated words; with probability
+    ``junk``, 1–6 words of gibberish instead (a degenerate generation, which raters rank low)."""
+    if rng.random() < junk:
+        return " " + " ".join(junk_word(rng) for _ in range(rng.randint(1, 6)))
+    n = rng.randint(1, 8)
     p_on = rng.random()
     words: list[str] = []
     for _ in range(n):
@@ -101,10 +111,10 @@ def random_response(rng: random.Random, topic: str) -> str:
     return " " + " ".join(words)
 
 
-def demonstration(rng: random.Random, topic: str) -> str:
-    """A good but imperfect human demonstration: 2–5 distinct words, each off-topic with
-    probability 0.15 (a careless rater), never repeated."""
-    n = rng.randint(2, 5)
+def demonstration(rng: random.Random, topic: str, lengths: tuple[int, int] = (2, 5)) -> str:
+    """A good but imperfect human demonstration: ``lengths`` (inclusive) distinct words, each
+    off-topic with probability 0.15 (a careless writer), never repeated."""
+    n = rng.randint(*lengths)
     words: list[str] = []
     while len(words) < n:
         pool = TOPICS[topic] if rng.random() >= 0.15 else VOCABULARY
@@ -128,6 +138,9 @@ def preference_pairs(
 ) -> Iterator[dict]:
     """Yield ``n`` rows ``{"prompt", "chosen", "rejected", "gold_margin"}``.
 
+    Each response is, with equal odds, a random one (``random_response``) or an SFT-policy-like
+    one (a demonstration of 1–8 words), as preference data is collected from a mix of policies.
+
     With ``noisy``, the chosen response wins with probability ``σ(beta · Δgold)`` (Bradley–Terry
     labeller); without, the higher gold score always wins. Ties are resampled.
     """
@@ -137,7 +150,10 @@ def preference_pairs(
     while made < n:
         prompt = rng.choice(pool)
         topic = topic_of(prompt)
-        a, b = random_response(rng, topic), random_response(rng, topic)
+        a, b = (
+            random_response(rng, topic) if rng.random() < 0.5 else demonstration(rng, topic, (1, 8))
+            for _ in range(2)
+        )
         delta = gold_score(prompt, a) - gold_score(prompt, b)
         if delta == 0:
             continue

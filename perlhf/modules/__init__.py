@@ -2,5 +2,6 @@
 
 from perlhf.modules.reward import RewardModule
 from perlhf.modules.rl import PPOModule
+from perlhf.modules.sft import SFTModule
 
-__all__ = ["PPOModule", "RewardModule"]
+__all__ = ["PPOModule", "RewardModule", "SFTModule"]
