@@ -17,6 +17,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,13 +44,19 @@ def overrides(stage: str, setting: str) -> dict[str, Any]:
     return {**base, "model.init_args.model.lora.r": rank, "model.init_args.model.lora.alpha": 2 * rank}
 
 
-def run_seed(root: Path, seed: int, settings: list[str], algorithm: str) -> dict[str, dict[str, float]]:
+def run_seed(
+    root: Path, seed: int, settings: list[str], algorithm: str, done: dict[str, dict[str, float]], save: Any
+) -> dict[str, dict[str, float]]:
+    """Every setting for one seed; ``done`` holds results of an earlier, interrupted run (skipped),
+    ``save()`` is called after each setting so an interrupted run keeps what it measured."""
     prepare(root, seed=seed)
     quiet = {"seed_everything": seed, **overrides("sft", "lora-r8")}
     run_stage(load_config("sft", root, quiet), root / "configs" / "sft.yaml")
     run_stage(load_config("reward", root, quiet), root / "configs" / "reward.yaml")  # the shared RM
-    results: dict[str, dict[str, float]] = {}
+    results = done
     for setting in settings:
+        if setting in results:
+            continue
         out = root / setting
         t0 = time.perf_counter()
         rm_config = load_config(
@@ -89,6 +96,7 @@ def run_seed(root: Path, seed: int, settings: list[str], algorithm: str) -> dict
             "rl_seconds": rl_seconds,
         }
         print(f"seed {seed} {setting}: {results[setting]}", flush=True)
+        save()
     return results
 
 
@@ -139,25 +147,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--algorithm", default="reinforce", choices=["reinforce", "ppo", "rloo"])
     parser.add_argument("--root", default="checkpoints/parity")
     parser.add_argument("--out", default="benchmarks/results/parity")
+    parser.add_argument(
+        "--table-only", action="store_true", help="rewrite the table from <out>.json without training"
+    )
     args = parser.parse_args(argv)
     settings = ([] if args.no_full else ["full"]) + [f"lora-r{r}" for r in args.ranks]
-    start = time.perf_counter()
-    per_seed = {
-        seed: run_seed(Path(args.root) / f"seed{seed}", seed, settings, args.algorithm) for seed in args.seeds
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    saved = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    per_seed: dict[int, dict[str, dict[str, float]]] = {
+        int(seed): results for seed, results in saved.get("seeds", {}).items()
     }
-    text = table(per_seed, settings)
-    command = "python benchmarks/parity.py " + " ".join(argv or [])
+
+    def save() -> None:
+        out.with_suffix(".json").write_text(json.dumps({"settings": settings, "seeds": per_seed}, indent=2))
+
+    if not args.table_only:
+        for seed in args.seeds:
+            per_seed[seed] = per_seed.get(seed, {})
+            run_seed(Path(args.root) / f"seed{seed}", seed, settings, args.algorithm, per_seed[seed], save)
+    complete = {seed: r for seed, r in sorted(per_seed.items()) if all(s in r for s in settings)}
+    if not complete:
+        raise SystemExit(f"no seed has results for every setting {settings} in {out.with_suffix('.json')}")
+    text = table(complete, settings)
+    runs = [r for results in complete.values() for r in results.values()]
+    train_seconds = sum(r["reward_seconds"] + r["rl_seconds"] for r in runs)
+    command = "python benchmarks/parity.py " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (
         f"# LoRA vs full fine-tuning on the built-in task ({args.algorithm})\n\n"
-        f"`{command.strip()}` — seeds {args.seeds}, {time.perf_counter() - start:.0f} s on "
+        f"`{command.strip()}` — seeds {sorted(complete)}, {train_seconds:.0f} s of training on "
         f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads), "
         f"torch {torch.__version__}. Reward model: {synthetic.__name__} task, 400 gold-labelled held-out "
         "pairs; RL: mean gold score of 256 samples on the 4 held-out phrasings.\n\n"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(header + text + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"settings": settings, "seeds": per_seed}, indent=2))
     print(header + text)
 
 
