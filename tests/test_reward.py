@@ -187,14 +187,10 @@ def test_classifier_objective_learns_good_bad_labels(tiny_model_dir: Path, tmp_p
     from perlhf.data import synthetic
 
     rows = []
-    for row in synthetic.preference_pairs(3000, seed=3, noisy=False):
-        rows.append(
-            {
-                "prompt": row["prompt"],
-                "response": row["chosen"],
-                "label": int(synthetic.gold_score(row["prompt"], row["chosen"]) > 0),
-            }
-        )
+    for i, row in enumerate(synthetic.preference_pairs(3000, seed=3, noisy=False)):
+        response = row["chosen"] if i % 2 else row["rejected"]  # good/bad labels near balanced
+        label = int(synthetic.gold_score(row["prompt"], response) >= 2)
+        rows.append({"prompt": row["prompt"], "response": response, "label": label})
     for split, part in (("train", rows[:2800]), ("test", rows[2800:])):
         synthetic.write_jsonl(iter(part), tmp_path / f"{split}.jsonl")
     config = ModelConfig(name_or_path=str(tiny_model_dir), lora=LoraSpec(r=8, alpha=16, dropout=0.0))
@@ -208,7 +204,7 @@ def test_classifier_objective_learns_good_bad_labels(tiny_model_dir: Path, tmp_p
     )
     trainer(tmp_path, max_steps=120, limit_val_batches=0).fit(module, datamodule=data)
     metrics = trainer(tmp_path).validate(module, datamodule=data, verbose=False)[0]
-    assert metrics["val/accuracy"] >= 0.8 and metrics["val/auroc"] >= 0.85, metrics
+    assert metrics["val/accuracy"] >= 0.7 and metrics["val/auroc"] >= 0.8, metrics  # chance: 0.5
 
 
 def test_gradient_checkpointing_gives_the_same_adapter_gradients(tiny_model_dir: Path) -> None:

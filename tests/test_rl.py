@@ -168,7 +168,7 @@ def test_each_algorithm_raises_reward_and_leaves_the_backbone_alone(
 
     first, last = sum(record.rewards[:4]) / 4, sum(record.rewards[-4:]) / 4
     assert len(record.rewards) == 20
-    assert last > first + 1.0, f"{algorithm}: mean reward {first:.2f} -> {last:.2f}"
+    assert last > first + 0.5, f"{algorithm}: mean reward {first:.2f} -> {last:.2f}"
     for name, param in module.named_parameters():
         if name in frozen:
             assert torch.equal(param, frozen[name]), f"backbone tensor {name} changed"
