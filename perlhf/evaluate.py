@@ -14,8 +14,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from perlhf.data.rollout_utils import cut_at_eos, encode, left_pad, max_positions, right_pad
+from perlhf.data.rollout_utils import cut_at_eos, encode, left_pad, reward_scores
 from perlhf.modules.policy import response_hidden, token_logprobs
+
+__all__ = ["PolicyEval", "evaluate_policy", "reward_scores", "sequence_logprob"]
 
 
 @dataclass
@@ -36,25 +38,6 @@ class PolicyEval:
     def as_dict(self) -> dict[str, float]:
         """The means (``responses`` left out)."""
         return {k: v for k, v in asdict(self).items() if k != "responses"}
-
-
-@torch.no_grad()
-def reward_scores(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 64
-) -> torch.Tensor:
-    """Scalar scores ``(N,)`` float32 (CPU) of a sequence classifier on ``texts`` (the last tokens
-    that fit the model's positions)."""
-    sequences = [encode(tokenizer, text) for text in texts]
-    limit = max_positions(model)
-    if limit is not None:
-        sequences = [ids[-limit:] for ids in sequences]
-    device = next(model.parameters()).device
-    scores = []
-    for start in range(0, len(sequences), batch_size):
-        ids, mask = right_pad(sequences[start : start + batch_size], tokenizer.pad_token_id)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        scores.append(logits[:, 0].float().cpu())
-    return torch.cat(scores)
 
 
 @torch.no_grad()

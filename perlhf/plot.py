@@ -7,6 +7,7 @@ score over RL, and the KL to the reference.
 from __future__ import annotations
 
 import argparse
+import bisect
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -46,11 +47,11 @@ def plot_run(reward_run: str | Path, rl_run: str | Path, out: str | Path) -> Pat
             "logged with the perlhf.callbacks.GoldScore callback?"
         )
     # Optimiser step -> rollout number, so train and validation points share the x axis.
-    rollout_at = dict(zip(*rl["train/rollout_step"], strict=True))
+    known, numbers = rl["train/rollout_step"]
 
     def rollouts(steps: list[int]) -> list[float]:
-        known = sorted(rollout_at)
-        return [rollout_at[max([k for k in known if k <= s] or known[:1])] for s in steps]
+        """The rollout number logged at or before each step (the first one before any)."""
+        return [numbers[max(bisect.bisect_right(known, s) - 1, 0)] for s in steps]
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]

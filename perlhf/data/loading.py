@@ -8,13 +8,15 @@ holding out a seeded share of the train split when there is no validation split.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
 from datasets import Dataset, DatasetDict, load_dataset
 from lightning.pytorch.utilities import rank_zero_info
+
+from perlhf.data.formats import RowError
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 """``datasets`` builder per local file suffix."""
@@ -117,3 +119,55 @@ def tokenizer_name_from(
             "with a Trainer whose LightningModule has a tokenizer_name_or_path (perlhf modules do)"
         )
     return name
+
+
+def check_text_data_args(
+    formats: Collection[str],
+    canonical: Collection[str],
+    format: str,
+    overlong: str,
+    val_fraction: float,
+    max_length: int,
+    columns: dict[str, str] | None,
+) -> None:
+    """The constructor checks shared by the text DataModules (preference and SFT data)."""
+    if format != "auto" and format not in formats:
+        raise ValueError(f"format must be 'auto' or one of {sorted(formats)}, got {format!r}")
+    if overlong not in ("drop", "error", "truncate"):
+        raise ValueError(f"overlong must be 'drop', 'error' or 'truncate', got {overlong!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    unknown = sorted(set(columns or {}) - set(canonical))
+    if unknown:
+        raise ValueError(
+            f"columns keys {unknown} are not canonical column names; the keys are "
+            f"canonical names ({sorted(canonical)}), the values dataset columns"
+        )
+
+
+def source_name(path: str, data_files: Any, split: str | None) -> str:
+    """``path[split]`` for messages; a builder name (``json``…) shows its data files instead."""
+    name = path
+    if path in BUILDERS.values() and data_files is not None:
+        name = str(data_files.get(split, data_files) if isinstance(data_files, dict) else data_files)
+    return name if split is None else f"{name}[{split}]"
+
+
+def check_mapped_columns(where: str, columns: dict[str, str], found: list[str]) -> None:
+    """Every dataset column a ``columns`` mapping names must exist."""
+    for canonical, column in columns.items():
+        if column not in found:
+            raise ValueError(
+                f"{where}: columns={{{canonical!r}: {column!r}}} names a missing column "
+                f"{column!r}; columns found: {found}"
+            )
+
+
+def row_failure(where: str, row_id: int, err: RowError, view: dict[str, str]) -> ValueError:
+    """``err`` about one row, as the error a user sees: dataset, split, row, column (and the
+    dataset column it was mapped from)."""
+    source = view[err.column]
+    mapped = "" if source == err.column else f" (dataset column {source!r})"
+    return ValueError(f"{where} row {row_id}: {err}{mapped}")

@@ -17,7 +17,16 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from perlhf.data.formats import CANONICAL, FORMATS, OPTIONAL, RowError, detect_format, to_example
-from perlhf.data.loading import BUILDERS, Splits, load_dataset_dict, tokenizer_name_from, train_val_splits
+from perlhf.data.loading import (
+    Splits,
+    check_mapped_columns,
+    check_text_data_args,
+    load_dataset_dict,
+    row_failure,
+    source_name,
+    tokenizer_name_from,
+    train_val_splits,
+)
 from perlhf.data.rollout_utils import right_pad
 from perlhf.data.sampler import EpochSeededSampler
 from perlhf.models import load_tokenizer
@@ -80,20 +89,7 @@ class PreferenceDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if format != "auto" and format not in FORMATS:
-            raise ValueError(f"format must be 'auto' or one of {sorted(FORMATS)}, got {format!r}")
-        if overlong not in ("drop", "error", "truncate"):
-            raise ValueError(f"overlong must be 'drop', 'error' or 'truncate', got {overlong!r}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        if max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
-        unknown = sorted(set(columns or {}) - CANONICAL)
-        if unknown:
-            raise ValueError(
-                f"columns keys {unknown} are not canonical column names; the keys are "
-                f"canonical names ({sorted(CANONICAL)}), the values dataset columns"
-            )
+        check_text_data_args(FORMATS, CANONICAL, format, overlong, val_fraction, max_length, columns)
         self.save_hyperparameters()
         self.path, self.data_files, self.name, self.data_dir = path, data_files, name, data_dir
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
@@ -156,12 +152,7 @@ class PreferenceDataModule(L.LightningDataModule):
         return load_dataset_dict(self.path, self.data_files, self.name, self.data_dir, "preference dataset")
 
     def _where(self, split: str | None) -> str:
-        """``path[split]`` for messages; a builder name shows its data files instead."""
-        name = self.path
-        if self.path in BUILDERS.values() and self.data_files is not None:
-            files = self.data_files
-            name = str(files.get(split, files) if isinstance(files, dict) else files)
-        return name if split is None else f"{name}[{split}]"
+        return source_name(self.path, self.data_files, split)
 
     def _splits(self, raw: DatasetDict) -> Splits:
         """``{"train"|"val": (source split, dataset, original row ids or None for identity)}``."""
@@ -173,12 +164,7 @@ class PreferenceDataModule(L.LightningDataModule):
         """Canonical name -> dataset column for the columns the format reads; resolves ``auto``."""
         where = self._where(split)
         found = dataset.column_names
-        for canonical, column in self.columns.items():
-            if column not in found:
-                raise ValueError(
-                    f"{where}: columns={{{canonical!r}: {column!r}}} names a missing column "
-                    f"{column!r}; columns found: {found}"
-                )
+        check_mapped_columns(where, self.columns, found)
         view = {**{c: c for c in found if c in CANONICAL}, **self.columns}
         if self.format == "auto":
             first = dataset[0] if len(dataset) else {}
@@ -221,9 +207,7 @@ class PreferenceDataModule(L.LightningDataModule):
                     encoded = self._encode(to_example(self.format, row, self.tokenizer, self.response_marker))
                 except RowError as err:
                     row_id = index if row_ids is None else row_ids[index]
-                    source = view[err.column]
-                    mapped = "" if source == err.column else f" (dataset column {source!r})"
-                    raise ValueError(f"{self._where(split)} row {row_id}: {err}{mapped}") from None
+                    raise row_failure(self._where(split), row_id, err, view) from None
                 if encoded is not None:
                     for name in outputs:
                         out[name].append(encoded[name])

@@ -44,13 +44,11 @@ from perlhf.data.rollout_utils import (
     Prompt,
     RunningMoments,
     cut_at_eos,
-    encode,
     encode_prompt,
     join_for_reward,
     left_pad,
     load_reward_model,
-    max_positions,
-    right_pad,
+    reward_scores,
     shape_rewards,
     shard,
 )
@@ -470,28 +468,17 @@ class RolloutDataModule(L.LightningDataModule):
         """Re-tokenise with the reward tokenizer (its chat template for chat prompts, if it has
         one), keep the last tokens that fit the model, score in chunks of ``reward_batch_size``."""
         tok, model = self.reward_tokenizer, self.reward_model
-        sequences = []
+        texts = []
         for prompt, response, chat in zip(prompts, responses, messages, strict=True):
             if chat is not None and tok.chat_template:
                 conversation = [*chat, {"role": "assistant", "content": response}]
-                text = tok.apply_chat_template(conversation, tokenize=False)
+                texts.append(tok.apply_chat_template(conversation, tokenize=False))
             else:
-                text = prompt + response
-            sequences.append(encode(tok, text))
-        limit = max_positions(model)
-        if limit is not None:
-            sequences = [ids[-limit:] for ids in sequences]
+                texts.append(prompt + response)
         device = self._device()
         if model.device != device:
             model.to(device)
-        scores = []
-        with torch.no_grad():
-            for start in range(0, len(sequences), self.reward_batch_size):
-                chunk = sequences[start : start + self.reward_batch_size]
-                input_ids, attention_mask = (t.to(device) for t in right_pad(chunk, tok.pad_token_id))
-                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-                scores.append(logits[:, 0].float().cpu())
-        return torch.cat(scores)
+        return reward_scores(model, tok, texts, self.reward_batch_size)
 
     # ------------------------------------------------------------ plumbing
 

@@ -222,6 +222,25 @@ def shape_rewards(
     return scores.float(), stats
 
 
+@torch.no_grad()
+def reward_scores(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 64
+) -> torch.Tensor:
+    """Scalar scores ``(N,)`` float32 (CPU) of a sequence classifier on ``texts`` (the last tokens
+    that fit the model's positions)."""
+    sequences = [encode(tokenizer, text) for text in texts]
+    limit = max_positions(model)
+    if limit is not None:
+        sequences = [ids[-limit:] for ids in sequences]
+    device = next(model.parameters()).device
+    scores = []
+    for start in range(0, len(sequences), batch_size):
+        ids, mask = right_pad(sequences[start : start + batch_size], tokenizer.pad_token_id)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        scores.append(logits[:, 0].float().cpu())
+    return torch.cat(scores)
+
+
 def max_positions(model: PreTrainedModel) -> int | None:
     """Longest sequence the model's position embeddings allow, when the config says."""
     return getattr(model.config, "max_position_embeddings", None)

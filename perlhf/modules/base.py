@@ -11,7 +11,7 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from perlhf.models import count_parameters
+from perlhf.models import ModelConfig, count_parameters
 
 
 class TrainableOnlyModule(L.LightningModule):
@@ -22,10 +22,12 @@ class TrainableOnlyModule(L.LightningModule):
     saved tensor lands and that no trainable tensor is missing. Under ``finetune="full"`` every
     parameter trains, so the checkpoint is the whole model.
 
-    Subclasses build their networks in ``configure_model`` and set ``self.optimizer`` /
-    ``self.scheduler`` (injected by LightningCLI as callables).
+    Subclasses set ``self.config`` (a ``ModelConfig``), build their networks in
+    ``configure_model`` and set ``self.optimizer`` / ``self.scheduler`` (injected by
+    LightningCLI as callables).
     """
 
+    config: ModelConfig
     optimizer: OptimizerCallable
     scheduler: LRSchedulerCallable | None
 
@@ -33,6 +35,15 @@ class TrainableOnlyModule(L.LightningModule):
         super().__init__()
         # Frozen tensors are absent from our checkpoints by design; on_load_checkpoint checks the rest.
         self.strict_loading = False
+
+    @property
+    def tokenizer_name_or_path(self) -> str:
+        """What the DataModules load the tokenizer from (``tokenizer_name_from``)."""
+        return self.config.tokenizer_name_or_path
+
+    @property
+    def is_lora(self) -> bool:
+        return self.config.finetune == "lora"
 
     def save_plain_hyperparameters(self) -> None:
         """``save_hyperparameters`` for the subclass ``__init__`` calling this, with dataclass

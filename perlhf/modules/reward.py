@@ -60,10 +60,6 @@ class RewardModule(TrainableOnlyModule):
         self.tokenizer = None
         self.metrics = nn.ModuleDict({f"{stage}_": self._make_metrics(stage) for stage in STAGES})
 
-    @property
-    def tokenizer_name_or_path(self) -> str:
-        return self.config.tokenizer_name_or_path
-
     def _make_metrics(self, stage: str) -> nn.ModuleDict:
         if self.objective == "pairwise":
             names = ("accuracy", "chosen_reward", "rejected_reward", "margin")

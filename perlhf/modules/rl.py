@@ -104,14 +104,6 @@ class PPOModule(TrainableOnlyModule):
         self.value_head: nn.Linear | None = None
         self.tokenizer = None
 
-    @property
-    def tokenizer_name_or_path(self) -> str:
-        return self.config.tokenizer_name_or_path
-
-    @property
-    def is_lora(self) -> bool:
-        return self.config.finetune == "lora"
-
     # ----------------------------------------------------------------------------- networks
     def configure_model(self) -> None:
         if self.policy is not None:

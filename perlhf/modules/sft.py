@@ -60,14 +60,6 @@ class SFTModule(TrainableOnlyModule):
             {f"{stage}_": nn.ModuleDict({name: SumMetric() for name in SUMS}) for stage in EVAL_STAGES}
         )
 
-    @property
-    def tokenizer_name_or_path(self) -> str:
-        return self.config.tokenizer_name_or_path
-
-    @property
-    def is_lora(self) -> bool:
-        return self.config.finetune == "lora"
-
     def configure_model(self) -> None:
         if self.model is not None:
             return
