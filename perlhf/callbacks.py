@@ -10,6 +10,7 @@ import lightning.pytorch as L
 from lightning.pytorch.utilities import rank_zero_info
 
 from perlhf.data import synthetic
+from perlhf.utils import full_parameters
 
 
 class ExportPretrained(L.Callback):
@@ -31,11 +32,12 @@ class ExportPretrained(L.Callback):
         if trainer.interrupted:
             return
         root = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "export")
-        if trainer.is_global_zero:
-            pl_module.save_pretrained(root / "adapter")
-            if self.merged:
-                pl_module.save_pretrained(root / "merged", merged=True)
-            rank_zero_info(f"exported {type(pl_module).__name__} to {root}")
+        with full_parameters(trainer, pl_module):  # gathers sharded (FSDP, ZeRO-3) weights
+            if trainer.is_global_zero:
+                pl_module.save_pretrained(root / "adapter")
+                if self.merged:
+                    pl_module.save_pretrained(root / "merged", merged=True)
+                rank_zero_info(f"exported {type(pl_module).__name__} to {root}")
         trainer.strategy.barrier()
 
 
@@ -75,4 +77,6 @@ class GoldScore(L.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         mean, n = self._mean(batch)
-        pl_module.log("val/gold_score", mean, on_step=False, on_epoch=True, batch_size=n, prog_bar=True)
+        pl_module.log(
+            "val/gold_score", mean, on_step=False, on_epoch=True, batch_size=n, prog_bar=True, sync_dist=True
+        )

@@ -13,39 +13,12 @@ from helpers import quiet_trainer, save_tiny_vit
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM
 
-from perlhf.data import RolloutDataModule, synthetic
+from perlhf.data import RolloutDataModule
 from perlhf.losses import logprobs_from_logits
 from perlhf.models import LoraSpec, ModelConfig, build_causal_lm
-from perlhf.modules import PPOModule, RewardModule
+from perlhf.modules import PPOModule
 from perlhf.modules.rl import NonFiniteError
 from perlhf.modules.rl_config import KLSpec, PPOSpec
-
-
-@pytest.fixture(scope="session")
-def reward_export(
-    tiny_model_dir: Path, preference_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """A LoRA reward model trained on the built-in task, exported in peft format."""
-    from perlhf.data import PreferenceDataModule
-
-    torch.manual_seed(0)
-    config = ModelConfig(name_or_path=str(tiny_model_dir), lora=LoraSpec(r=8, alpha=16, dropout=0.0))
-    module = RewardModule(config, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))
-    files = {"train": str(preference_dir / "train.jsonl"), "test": str(preference_dir / "val.jsonl")}
-    data = PreferenceDataModule(
-        path="json", data_files=files, tokenizer=str(tiny_model_dir), max_length=64, batch_size=32
-    )
-    quiet_trainer(tmp_path_factory.mktemp("rm"), max_steps=150, limit_val_batches=0).fit(
-        module, datamodule=data
-    )
-    return module.save_pretrained(tmp_path_factory.mktemp("rm-export") / "adapter")
-
-
-@pytest.fixture(scope="session")
-def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic.write_jsonl(
-        synthetic.prompts(400, seed=2), tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    )
 
 
 def ppo_module(model_dir: Path, algorithm: str = "ppo", lr: float = 3e-3, **kwargs) -> PPOModule:

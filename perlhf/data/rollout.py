@@ -134,7 +134,7 @@ class RolloutDataModule(L.LightningDataModule):
         missing_eos_penalty: Added to the score of responses that never emitted EOS.
         reward_clip: Clamp scores to ``±reward_clip`` (after normalisation).
         normalize_rewards: Normalise scores with the running mean/std of every training score so
-            far (validation uses the statistics without updating them).
+            far, on all ranks (validation uses the statistics without updating them).
         seed: Seed of the prompt order, the validation hold-out and validation sampling.
     """
 
@@ -432,7 +432,13 @@ class RolloutDataModule(L.LightningDataModule):
         raw = self._score(reward_prompts, reward_responses, [p.messages for p in prompts])
         score_s = time.perf_counter() - start
         scores, stats = shape_rewards(
-            raw, ended, self.missing_eos_penalty, self.reward_clip, self.moments, update=train
+            raw,
+            ended,
+            self.missing_eos_penalty,
+            self.reward_clip,
+            self.moments,
+            update=train,
+            gather=self._all_ranks,
         )
         stats.update(
             {
@@ -494,6 +500,14 @@ class RolloutDataModule(L.LightningDataModule):
     def _device(self) -> torch.device:
         module = self._module(required=False)
         return torch.device(module.device) if module is not None else torch.device("cpu")
+
+    def _all_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``values`` ``(N,)`` concatenated in rank order ``(world*N,)``: what the
+        running reward statistics are updated with, so all ranks normalise identically."""
+        if self._rank()[1] == 1:
+            return values
+        gathered = self.trainer.strategy.all_gather(values.to(self._device()))  # (world, N)
+        return gathered.reshape(-1).to(values.device, values.dtype)
 
     def _rank(self) -> tuple[int, int]:
         return getattr(self.trainer, "global_rank", 0), getattr(self.trainer, "world_size", 1)

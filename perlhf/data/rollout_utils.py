@@ -8,6 +8,7 @@ Face sequence classifier into one frozen ``transformers`` model.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -193,12 +194,15 @@ def shape_rewards(
     clip: float | None = None,
     moments: RunningMoments | None = None,
     update: bool = True,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Scores ``(N,)`` from raw reward-model outputs, and what was done to them.
 
     In order: add ``missing_eos_penalty`` to responses that never emitted EOS; with ``moments``,
     fold the scores into the running statistics (if ``update``) and normalise them to zero mean
     and unit std; clamp to ``±clip``. Without ``moments`` or before any update, no normalisation.
+    ``gather`` maps this rank's scores ``(N,)`` to every rank's ``(world*N,)``: the running
+    statistics then see all ranks' scores, so every rank normalises identically.
     """
     scores = raw.double()
     stats = {
@@ -211,7 +215,7 @@ def shape_rewards(
         stats["reward/penalised_fraction"] = (~ended).float().mean().item()
     if moments is not None:
         if update:
-            moments.update(scores)
+            moments.update(gather(scores) if gather is not None else scores)
         if moments.count:
             scores = (scores - moments.mean) / max(moments.std, 1e-8)
         stats["reward/running_mean"], stats["reward/running_std"] = moments.mean, moments.std

@@ -172,7 +172,7 @@ def prompts(n: int, seed: int = 0, split: Split = "train") -> Iterator[dict]:
 
 
 def corpus(n: int = 2000, seed: int = 0) -> Iterator[str]:
-    """"Pretraining" text (every phrasing, responses of random quality) for the tiny tokenizer
+    """The "pretraining" text (every phrasing, responses of random quality) for the tiny tokenizer
     and base model."""
     rng = random.Random(seed)
     pool = prompt_pool("all")

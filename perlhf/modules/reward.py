@@ -106,7 +106,13 @@ class RewardModule(TrainableOnlyModule):
                 metrics["auroc"].update(probs, labels.long())
         on_step = stage == "train"
         self.log(
-            f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=rewards.shape[0]
+            f"{stage}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=rewards.shape[0],
+            sync_dist=True,  # the epoch mean over every rank's batches
         )
         for name, metric in metrics.items():
             self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "accuracy")

@@ -30,7 +30,7 @@ from perlhf.modules.policy import (
     value_backbone,
 )
 from perlhf.modules.rl_config import Algorithm, KLController, KLSpec, PPOSpec, ValueMode
-from perlhf.utils import peak_memory_mb
+from perlhf.utils import full_parameters, peak_memory_mb
 
 Batch = dict[str, Any]
 
@@ -133,7 +133,7 @@ class PPOModule(TrainableOnlyModule):
         self.sampling_temperature = float(kwargs.get("temperature") or 1.0)
         was_training = self.policy.training
         self.policy.eval()
-        with self._policy_ctx():
+        with full_parameters(self._trainer, self.policy), self._policy_ctx():
             out = self.policy.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, **kwargs
             )
@@ -197,8 +197,13 @@ class PPOModule(TrainableOnlyModule):
         advantages, returns = self._advantages(batch, mask, kl_tokens, old_values)
         stats = self._update(batch, mask, old_logprobs, ref_logprobs, old_values, advantages, returns)
 
-        kl_per_seq = kl_tokens.sum(-1).mean().item()
-        self.kl_ctl.update(kl_per_seq, n)
+        kl_per_seq = kl_tokens.sum(-1).mean()
+        # Every rank adapts β from the KL over all ranks' samples, so β stays identical everywhere.
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            kl_per_seq = self.trainer.strategy.reduce(kl_per_seq, reduce_op="mean")
+        kl_per_seq = kl_per_seq.item()
+        self.kl_ctl.update(kl_per_seq, n * world)
         self.rollout_step += 1
         self._log_rollout(batch, mask, kl_per_seq, stats, old_values, returns)
 
@@ -308,8 +313,8 @@ class PPOModule(TrainableOnlyModule):
             "val/eos_fraction": batch["ended_with_eos"].float().mean(),
         }
         reward = metrics.pop("val/reward")
-        self.log_dict(metrics, on_epoch=True, batch_size=n)
-        self.log("val/reward", reward, on_epoch=True, batch_size=n, prog_bar=True)
+        self.log_dict(metrics, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log("val/reward", reward, on_epoch=True, batch_size=n, prog_bar=True, sync_dist=True)
 
     # ----------------------------------------------------------------------------- logging, guard
     def _log_rollout(self, batch: Batch, mask, kl_per_seq: float, stats: dict, values, returns) -> None:
@@ -361,7 +366,12 @@ class PPOModule(TrainableOnlyModule):
         self.logger.experiment.add_text("train/samples", "\n".join(rows), self.rollout_step)
 
     def _check_finite(self, name: str, tensor: torch.Tensor) -> None:
-        if torch.isfinite(tensor).all():
+        """Raise ``NonFiniteError`` (after checkpointing) if ``tensor`` is not finite on any rank;
+        the decision is shared, so all ranks save the collective checkpoint and stop together."""
+        finite = bool(torch.isfinite(tensor).all())
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return
         path = (
             Path(self.trainer.log_dir or self.trainer.default_root_dir)
