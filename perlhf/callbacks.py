@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from perlhf.data import synthetic
-from perlhf.utils import full_parameters
+from perlhf.strategies import gathered_params
 
 
 class ExportPretrained(L.Callback):
@@ -32,13 +33,35 @@ class ExportPretrained(L.Callback):
         if trainer.interrupted:
             return
         root = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "export")
-        with full_parameters(trainer, pl_module):  # gathers sharded (FSDP, ZeRO-3) weights
+        exporter = pl_module
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # FSDP's state-dict hooks are collective and its units hold shards: gather the full
+            # state through the strategy (every rank), rebuild an unsharded module on rank 0.
+            state = trainer.strategy.lightning_module_state_dict()
             if trainer.is_global_zero:
-                pl_module.save_pretrained(root / "adapter")
+                exporter = unsharded_copy(pl_module, state)
+        with gathered_params(trainer):  # DeepSpeed ZeRO-3: whole parameters on every rank
+            if trainer.is_global_zero:
+                exporter.save_pretrained(root / "adapter")
                 if self.merged:
-                    pl_module.save_pretrained(root / "merged", merged=True)
+                    exporter.save_pretrained(root / "merged", merged=True)
                 rank_zero_info(f"exported {type(pl_module).__name__} to {root}")
         trainer.strategy.barrier()
+
+
+def unsharded_copy(module: L.LightningModule, state: dict[str, Any]) -> L.LightningModule:
+    """A fresh, unsharded instance of ``module``'s class (from its saved hyperparameters) holding
+    ``state`` (a full state dict, e.g. gathered from FSDP shards)."""
+    clone = type(module)(**module.hparams)
+    clone.configure_model()
+    missing, unexpected = clone.load_state_dict(state, strict=False)
+    lost = {name for name, p in clone.named_parameters() if p.requires_grad} & set(missing)
+    if lost or unexpected:
+        raise RuntimeError(
+            f"gathered state does not fit {type(module).__name__}: missing {sorted(lost)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    return clone
 
 
 class GoldScore(L.Callback):

@@ -4,11 +4,18 @@
 ``build_causal_lm`` load the backbone with ``from_pretrained`` (the real code path), freeze it and
 add a LoRA adapter on the attention projections (the paper's choice), or leave every weight
 trainable under ``finetune="full"`` (the baseline the paper compares against).
+
+Memory switches, all in ``ModelConfig``: ``quantization`` loads the frozen backbone in 4-bit NF4
+or 8-bit with bitsandbytes under the adapters (QLoRA; CUDA only), ``gradient_checkpointing``
+recomputes each block's activations in the backward pass, and ``dtype`` sets the weights' load
+dtype. Mixed precision itself is the Trainer's ``precision`` (``bf16-mixed`` etc.).
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,6 +50,8 @@ ATTENTION_TARGETS: dict[str, list[str] | str] = {
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("none", "4bit", "8bit")
+QLORA_INSTALL = 'pip install "perlhf[qlora]"'
 
 
 @dataclass
@@ -82,12 +91,35 @@ class ModelConfig:
     """Hub revision (branch, tag or commit)."""
     trust_remote_code: bool = False
     """Run modelling code shipped with the checkpoint. Off unless you trust the source."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """QLoRA: load the frozen backbone quantised with bitsandbytes, ``4bit`` (NF4 with double
+    quantisation) or ``8bit`` (LLM.int8), on the current CUDA device; adapters and score/value
+    heads stay unquantised. LoRA only; needs a CUDA GPU and ``pip install "perlhf[qlora]"``.
+    Pair it with Trainer ``precision: bf16-mixed`` (or ``32-true``), not ``*-true`` half precision."""
+    quantization_compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Dtype 4-bit layers dequantise to for their matmuls; ``float16`` on GPUs without bf16
+    (pre-Ampere, e.g. T4/V100)."""
 
     def __post_init__(self) -> None:
         if self.finetune not in ("lora", "full"):
             raise ValueError(f"model.finetune must be 'lora' or 'full', got {self.finetune!r}")
         if self.lora.r < 1:
             raise ValueError(f"model.lora.r must be a positive rank, got {self.lora.r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"model.quantization must be one of {list(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
+        if self.quantization_compute_dtype not in DTYPES:
+            raise ValueError(
+                f"model.quantization_compute_dtype must be one of {list(DTYPES)}, "
+                f"got {self.quantization_compute_dtype!r}"
+            )
+        if self.quantization != "none" and self.finetune == "full":
+            raise ValueError(
+                f"model.quantization={self.quantization!r} does not work with finetune: full "
+                "(quantised weights cannot be trained); use finetune: lora (QLoRA), or "
+                "quantization: none for full fine-tuning"
+            )
 
     @property
     def tokenizer_name_or_path(self) -> str:
@@ -117,11 +149,45 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
 
 
 def _load_kwargs(cfg: ModelConfig) -> dict:
+    """``from_pretrained`` keyword arguments; with ``quantization`` also the bitsandbytes config
+    and a ``device_map`` onto the current CUDA device (every frozen copy, e.g. a separate
+    reference policy, loads through here and so is quantised like the policy)."""
     kwargs: dict = {"trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision}
     kwargs["dtype"] = "auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    return kwargs
+    return kwargs | _quantization_kwargs(cfg)
+
+
+def _quantization_kwargs(cfg: ModelConfig) -> dict:
+    if cfg.quantization == "none":
+        return {}
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"model.quantization={cfg.quantization!r} needs a CUDA GPU (bitsandbytes); use "
+            "quantization: none on CPU"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ValueError(
+            f"model.quantization={cfg.quantization!r} needs the bitsandbytes package: {QLORA_INSTALL}, "
+            "or set quantization: none"
+        ) from err
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=DTYPES[cfg.quantization_compute_dtype],
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    # Quantised weights cannot be moved after loading: place the whole model on this process's
+    # device (under DDP each rank has selected its own before ``configure_model``).
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
 def build_reward_model(cfg: ModelConfig, pad_token_id: int) -> nn.Module:
@@ -196,24 +262,65 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing on every block of a transformers model."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@contextlib.contextmanager
+def checkpointing_in_eval(model: nn.Module) -> Iterator[None]:
+    """Keep activation checkpointing on for the block while ``model`` is in eval mode.
+
+    transformers checkpoints a layer only while its ``training`` flag is set, so a module that
+    trains in eval mode (``PPOModule``: no dropout, so rollout and update log-probs agree) would
+    silently keep every activation. This sets the flag on the modules that carry
+    ``gradient_checkpointing=True`` alone (the blocks, and the model body that drops its KV cache
+    for them), not on their children, so dropout stays off; it is restored on exit. Use it
+    around forward/backward passes only: checkpointed layers drop the KV cache, so never around
+    ``generate``.
+    """
+    flipped = [
+        m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True and not m.training
+    ]
+    for module in flipped:
+        module.training = True
+    try:
+        yield
+    finally:
+        for module in flipped:
+            module.training = False
+
+
 def _finish(
     model: PreTrainedModel, cfg: ModelConfig, task_type: str, adapter_name: str = "default"
 ) -> nn.Module:
     if cfg.finetune == "full":
         model.requires_grad_(True)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         return model
 
     from peft import LoraConfig, get_peft_model
 
     targets = cfg.lora.target_modules or default_lora_targets(model)
     check_targets(model, targets)
+    if cfg.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the quantised base and upcasts its remaining half-precision weights (norms,
+        # embeddings, heads) to float32; checkpointing is switched on below, non-reentrant.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
         # Frozen embeddings produce inputs without grad; make them require grad so checkpointed
-        # blocks still propagate gradients to the adapters.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        # blocks still propagate gradients to the adapters (what reentrant checkpointing needs;
+        # harmless with the non-reentrant kind); recent transformers already hook it on enabling.
+        if not getattr(model, "_require_grads_hooks", None):
+            model.enable_input_require_grads()
     lora = LoraConfig(
         task_type=task_type,
         r=cfg.lora.r,

@@ -179,8 +179,11 @@ def test_text_format_trains_every_token(tmp_path: Path, tok: Any, tiny_model_dir
         ({"messages": chat_row()["messages"], "text": "x"}, None, "conversational"),
         ({"prompt": "Name some colours:", "completion": " red", "text": "x"}, None, "prompt_completion"),
         ({"text": "Name some colours: red"}, None, "text"),
-        ({"question": "Name some colours:", "answer": " red"}, {"prompt": "question", "completion": "answer"},
-         "prompt_completion"),
+        (
+            {"question": "Name some colours:", "answer": " red"},
+            {"prompt": "question", "completion": "answer"},
+            "prompt_completion",
+        ),
     ],
     ids=["messages", "prompt-completion", "text", "mapped"],
 )
@@ -340,8 +343,15 @@ def trained_lora(tiny_model_dir: Path, demos_dir: Path, tmp_path_factory: pytest
     before = validate(module, data, root)
     trainer(root, max_steps=80, limit_val_batches=0).fit(module, datamodule=data)
     after = validate(module, data, root)
-    return {"module": module, "data": data, "frozen": frozen, "adapters": adapters, "before": before,
-            "after": after, "root": root}
+    return {
+        "module": module,
+        "data": data,
+        "frozen": frozen,
+        "adapters": adapters,
+        "before": before,
+        "after": after,
+        "root": root,
+    }
 
 
 def test_lora_sft_lowers_loss_and_touches_only_the_adapter(trained_lora: dict) -> None:

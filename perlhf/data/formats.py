@@ -335,7 +335,7 @@ def _messages(value: Any, column: str, allow_empty: bool = False) -> list[dict[s
     if not ok or (not value and not allow_empty):
         raise RowError(
             column,
-            "is not a non-empty list of {{'role', 'content'}} messages; fix the row "
+            "is not a non-empty list of {'role', 'content'} messages; fix the row "
             "or use format='explicit' for plain strings",
         )
     return value

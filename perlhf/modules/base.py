@@ -13,6 +13,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from perlhf.models import ModelConfig, count_parameters
 
+WRAPPED_FSDP = "_fsdp_wrapped_module."
+WRAPPED_CHECKPOINT = "_checkpoint_wrapped_module."
+
 
 class TrainableOnlyModule(L.LightningModule):
     """Base for modules whose checkpoints hold only what was trained.
@@ -57,7 +60,10 @@ class TrainableOnlyModule(L.LightningModule):
                 self.hparams[key] = asdict(value)
 
     def trainable_names(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
+        """State-dict names of trainable parameters (wrapper prefixes that FSDP or activation
+        checkpointing insert into parameter names, but not into state-dict keys, removed)."""
+        names = (name for name, p in self.named_parameters() if p.requires_grad)
+        return {name.replace(WRAPPED_FSDP, "").replace(WRAPPED_CHECKPOINT, "") for name in names}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_names()
@@ -69,9 +75,10 @@ class TrainableOnlyModule(L.LightningModule):
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = set(checkpoint["state_dict"])
-        unexpected = saved - set(self.state_dict())
-        missing = self.trainable_names() - saved
+        # Sharding strategies (FSDP, DeepSpeed) load the weights themselves and hand over the rest.
+        saved = set(checkpoint.get("state_dict", ()))
+        unexpected = saved - set(self.state_dict()) if saved else set()
+        missing = self.trainable_names() - saved if "state_dict" in checkpoint else set()
         if unexpected or missing:
             raise RuntimeError(
                 "checkpoint does not match this model's trainable tensors "

@@ -98,7 +98,12 @@ def response_hidden(
     ``(N, P)`` followed by response ``(N, R)``.
     """
     body = hf_model(model).base_model
-    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    out = body(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,  # one pass over whole sequences: a KV cache would only cost memory
+    )
     return out.last_hidden_state[:, prompt_len - 1 : -1]
 
 

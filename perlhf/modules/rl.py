@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from perlhf import losses
-from perlhf.models import ModelConfig, build_causal_lm, load_tokenizer
+from perlhf.models import ModelConfig, build_causal_lm, checkpointing_in_eval, load_tokenizer
 from perlhf.modules.base import TrainableOnlyModule, default_optimizer
 from perlhf.modules.policy import (
     POLICY,
@@ -30,7 +30,8 @@ from perlhf.modules.policy import (
     value_backbone,
 )
 from perlhf.modules.rl_config import Algorithm, KLController, KLSpec, PPOSpec, ValueMode
-from perlhf.utils import full_parameters, peak_memory_mb
+from perlhf.strategies import gathered_params
+from perlhf.utils import peak_memory_mb
 
 Batch = dict[str, Any]
 
@@ -133,7 +134,7 @@ class PPOModule(TrainableOnlyModule):
         self.sampling_temperature = float(kwargs.get("temperature") or 1.0)
         was_training = self.policy.training
         self.policy.eval()
-        with full_parameters(self._trainer, self.policy), self._policy_ctx():
+        with gathered_params(self._trainer), self._policy_ctx():
             out = self.policy.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, **kwargs
             )
@@ -238,50 +239,61 @@ class PPOModule(TrainableOnlyModule):
         sums: dict[str, float] = {}
         count = 0
         accumulated = 0
-        for epoch in range(self.ppo.epochs):
-            order = torch.randperm(n, device=mask.device)
-            for idx in self._chunks(n, order):
-                out = self._forward(batch, idx, with_values=True, with_entropy=epoch == 0)
-                m = mask[idx]
-                if self.algorithm == "reinforce":
-                    pg_loss = losses.reinforce_policy_loss(out["logprobs"], advantages[idx], m)
-                    clipfrac = approx_kl = torch.zeros((), device=m.device)
-                else:
-                    pg_loss, clipfrac, approx_kl = losses.ppo_policy_loss(
-                        out["logprobs"], old_logprobs[idx], advantages[idx], m, self.ppo.cliprange
+        # The module trains in eval mode (no dropout); keep gradient checkpointing active anyway.
+        with checkpointing_in_eval(self):
+            for epoch in range(self.ppo.epochs):
+                order = torch.randperm(n, device=mask.device)
+                for idx in self._chunks(n, order):
+                    loss, step_stats = self._minibatch_loss(
+                        batch, idx, epoch, mask, old_logprobs, ref_logprobs, old_values, advantages, returns
                     )
-                loss, step_stats = (
-                    pg_loss,
-                    {"policy_loss": pg_loss, "clipfrac": clipfrac, "approx_kl": approx_kl},
-                )
-                if self.value_mode is not None:
-                    cliprange_value = None if self.algorithm == "reinforce" else self.ppo.cliprange_value
-                    vf_loss, vf_clipfrac = losses.value_loss(
-                        out["values"], old_values[idx], returns[idx], m, cliprange_value
-                    )
-                    loss = loss + self.ppo.vf_coef * vf_loss
-                    step_stats |= {"value_loss": vf_loss, "value_clipfrac": vf_clipfrac}
-                if self.kl_spec.penalty == "loss":
-                    kl = losses.masked_mean(
-                        losses.kl_penalty(out["logprobs"], ref_logprobs[idx], self.kl_spec.estimator), m
-                    )
-                    loss = loss + self.kl_ctl.value * kl
-                if out["entropy"] is not None:
-                    step_stats["entropy"] = losses.masked_mean(out["entropy"], m)
-                self._check_finite("loss", loss)
-                self.manual_backward(loss / self.ppo.gradient_accumulation)
-                accumulated += 1
-                if accumulated == self.ppo.gradient_accumulation:
-                    self._optimizer_step(optimizer, scheduler)
-                    accumulated = 0
-                for key, value in step_stats.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-                count += 1
+                    self._check_finite("loss", loss)
+                    self.manual_backward(loss / self.ppo.gradient_accumulation)
+                    accumulated += 1
+                    if accumulated == self.ppo.gradient_accumulation:
+                        self._optimizer_step(optimizer, scheduler)
+                        accumulated = 0
+                    for key, value in step_stats.items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
+                    count += 1
         if accumulated:
             self._optimizer_step(optimizer, scheduler)
         stats = {k: v / count for k, v in sums.items()}
         stats["entropy"] = sums.get("entropy", 0.0) / max(1, -(-n // self.ppo.minibatch_size))
         return stats
+
+    def _minibatch_loss(
+        self, batch: Batch, idx, epoch: int, mask, old_logprobs, ref_logprobs, old_values, advantages, returns
+    ) -> tuple[torch.Tensor, dict]:
+        """Loss of rows ``idx`` (policy + value + optional KL term) and its parts for logging."""
+        out = self._forward(batch, idx, with_values=True, with_entropy=epoch == 0)
+        m = mask[idx]
+        if self.algorithm == "reinforce":
+            pg_loss = losses.reinforce_policy_loss(out["logprobs"], advantages[idx], m)
+            clipfrac = approx_kl = torch.zeros((), device=m.device)
+        else:
+            pg_loss, clipfrac, approx_kl = losses.ppo_policy_loss(
+                out["logprobs"], old_logprobs[idx], advantages[idx], m, self.ppo.cliprange
+            )
+        loss, step_stats = (
+            pg_loss,
+            {"policy_loss": pg_loss, "clipfrac": clipfrac, "approx_kl": approx_kl},
+        )
+        if self.value_mode is not None:
+            cliprange_value = None if self.algorithm == "reinforce" else self.ppo.cliprange_value
+            vf_loss, vf_clipfrac = losses.value_loss(
+                out["values"], old_values[idx], returns[idx], m, cliprange_value
+            )
+            loss = loss + self.ppo.vf_coef * vf_loss
+            step_stats |= {"value_loss": vf_loss, "value_clipfrac": vf_clipfrac}
+        if self.kl_spec.penalty == "loss":
+            kl = losses.masked_mean(
+                losses.kl_penalty(out["logprobs"], ref_logprobs[idx], self.kl_spec.estimator), m
+            )
+            loss = loss + self.kl_ctl.value * kl
+        if out["entropy"] is not None:
+            step_stats["entropy"] = losses.masked_mean(out["entropy"], m)
+        return loss, step_stats
 
     def _optimizer_step(self, optimizer: Any, scheduler: Any) -> None:
         if self.ppo.max_grad_norm is not None:
