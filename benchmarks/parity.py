@@ -117,6 +117,10 @@ def table(per_seed: dict[int, dict[str, dict[str, float]]], settings: list[str])
         "|---|---|---|---|---|---|---|",
     ]
     first = next(iter(per_seed))
+
+    def pm(sd: float, digits: int) -> str:
+        return f" ± {sd:.{digits}f}" if len(per_seed) > 1 else ""
+
     for setting in settings:
         acc, acc_sd = stat(setting, "reward_accuracy")
         gold, gold_sd = stat(setting, "gold_score")
@@ -128,13 +132,13 @@ def table(per_seed: dict[int, dict[str, dict[str, float]]], settings: list[str])
         row = per_seed[first][setting]
         lines.append(
             f"| {setting} | {row['trainable_reward']:,} / {row['trainable_policy']:,} "
-            f"| {acc:.3f} ± {acc_sd:.3f} | {d_acc} | {gold:.2f} ± {gold_sd:.2f} | {d_gold} | {kl:.1f} |"
+            f"| {acc:.3f}{pm(acc_sd, 3)} | {d_acc} | {gold:.2f}{pm(gold_sd, 2)} | {d_gold} | {kl:.1f} |"
         )
     sft = statistics.mean(per_seed[s][settings[0]]["sft_gold_score"] for s in per_seed)
     lines.append("")
     lines.append(
         f"SFT policy gold score (held-out, mean over seeds): {sft:.2f}. "
-        "± is the standard deviation over seeds."
+        + ("± is the standard deviation over seeds." if len(per_seed) > 1 else "One seed: no spread.")
     )
     return "\n".join(lines)
 
