@@ -124,6 +124,69 @@ def test_nothing_counts_on_prompt_padding_or_after_eos(tiny_model_dir: Path) -> 
     assert gamma_returns.shape == (2,)
 
 
+@pytest.mark.parametrize("value", ["adapter", "shared"])
+def test_split_backward_gives_the_joint_gradients(tiny_model_dir: Path, value: str) -> None:
+    """One process, critic with its own forward: the policy loss is backpropagated before the
+    value forward (so their activations never coexist) and the gradients equal the one-loss ones."""
+    torch.manual_seed(0)
+    module = ppo_module(tiny_model_dir, value=value, kl=KLSpec(penalty="loss"))
+    module.configure_model()
+    tok = module.tokenizer
+    responses = [tok(" red blue")["input_ids"] + [tok.eos_token_id], tok(" cat dog horse")["input_ids"]]
+    batch = rollout_batch(module, responses, ["Name some colours:", "Name some animals, please:"])
+    idx, mask = torch.arange(2), batch["response_mask"].float()
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "lora_B" in name or "value_head" in name:  # non-zero so every gradient flows
+                param.normal_(0, 0.1)
+        old = module._forward(batch, idx, with_values=True)
+        ref = module.reference_logprobs(batch, idx)
+    advantages, returns = torch.randn_like(mask) * mask, torch.randn_like(mask) * mask
+    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    policy_grad = next(p for n, p in trainable.items() if "lora_A.policy" in n)
+    seen_at_value_forward: list[bool] = []
+    module.value_head.register_forward_pre_hook(
+        lambda *_: seen_at_value_forward.append(policy_grad.grad is not None)
+    )
+
+    def grads(split: bool) -> tuple[int, dict[str, torch.Tensor]]:
+        module.zero_grad(set_to_none=True)
+        module._split_backward = lambda: split
+        seen_at_value_forward.clear()
+        n_losses = 0
+        args = (batch, idx, 0, mask, old["logprobs"], ref, old["values"], advantages, returns)
+        for loss, _ in module._minibatch_losses(*args):
+            loss.backward()
+            n_losses += 1
+        return n_losses, {n: p.grad.clone() for n, p in trainable.items() if p.grad is not None}
+
+    n_split, split = grads(split=value == "adapter")
+    n_joint, joint = grads(split=False)
+    assert (n_split, n_joint) == ((2, 1) if value == "adapter" else (1, 1))
+    assert seen_at_value_forward == [False]  # the joint pass: value forward before any backward
+    assert set(split) == set(joint) and any("value" in n for n in joint)
+    for name in joint:
+        torch.testing.assert_close(split[name], joint[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_split_backward_runs_the_critic_after_the_policy_backward(tiny_model_dir: Path) -> None:
+    module = ppo_module(tiny_model_dir)
+    module.configure_model()
+    assert module._split_backward()  # LoRA value adapter, no trainer: one process
+    tok = module.tokenizer
+    batch = rollout_batch(module, [tok(" red")["input_ids"] + [tok.eos_token_id]], ["Colours:"])
+    idx, mask = torch.arange(1), batch["response_mask"].float()
+    with torch.no_grad():
+        old = module._forward(batch, idx, with_values=True)
+    policy_grad = next(p for n, p in module.named_parameters() if "lora_B.policy" in n)
+    seen: list[bool] = []
+    module.value_head.register_forward_pre_hook(lambda *_: seen.append(policy_grad.grad is not None))
+    args = (batch, idx, 0, mask, old["logprobs"], old["logprobs"], old["values"], mask, mask)
+    for loss, _ in module._minibatch_losses(*args):
+        loss.backward()
+    assert seen == [True]
+
+
 @pytest.mark.parametrize("algorithm", ["ppo", "reinforce", "rloo"])
 def test_each_algorithm_raises_reward_and_leaves_the_backbone_alone(
     algorithm: str, tiny_model_dir: Path, reward_export: Path, prompts_file: Path, tmp_path: Path

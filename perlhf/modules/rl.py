@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,15 +155,19 @@ class PPOModule(TrainableOnlyModule):
         )
         out = {"logprobs": logprobs, "entropy": entropy}
         if with_values and self.value_mode is not None:
-            if self.value_mode == "shared":
-                value_hidden = hidden
-            elif self.value_mode == "adapter":
-                with active_adapter(self.policy, VALUE):
-                    value_hidden = response_hidden(self.policy, input_ids, attention_mask, prompt_len)
-            else:
-                value_hidden = response_hidden(self.critic, input_ids, attention_mask, prompt_len)
-            out["values"] = self.value_head(value_hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+            out["values"] = self._values(batch, idx, hidden if self.value_mode == "shared" else None)
         return out
+
+    def _values(self, batch: Batch, idx: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Critic values ``(n, R)`` for rows ``idx``; ``hidden``: the policy's, for ``shared``."""
+        if hidden is None:
+            input_ids, attention_mask, prompt_len = _sequences(batch, idx)
+            if self.value_mode == "adapter":
+                with active_adapter(self.policy, VALUE):
+                    hidden = response_hidden(self.policy, input_ids, attention_mask, prompt_len)
+            else:
+                hidden = response_hidden(self.critic, input_ids, attention_mask, prompt_len)
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     @torch.no_grad()
     def reference_logprobs(self, batch: Batch, idx: torch.Tensor) -> torch.Tensor:
@@ -244,17 +249,17 @@ class PPOModule(TrainableOnlyModule):
             for epoch in range(self.ppo.epochs):
                 order = torch.randperm(n, device=mask.device)
                 for idx in self._chunks(n, order):
-                    loss, step_stats = self._minibatch_loss(
+                    for loss, step_stats in self._minibatch_losses(
                         batch, idx, epoch, mask, old_logprobs, ref_logprobs, old_values, advantages, returns
-                    )
-                    self._check_finite("loss", loss)
-                    self.manual_backward(loss / self.ppo.gradient_accumulation)
+                    ):
+                        self._check_finite("loss", loss)
+                        self.manual_backward(loss / self.ppo.gradient_accumulation)
+                        for key, value in step_stats.items():
+                            sums[key] = sums.get(key, 0.0) + float(value)
                     accumulated += 1
                     if accumulated == self.ppo.gradient_accumulation:
                         self._optimizer_step(optimizer, scheduler)
                         accumulated = 0
-                    for key, value in step_stats.items():
-                        sums[key] = sums.get(key, 0.0) + float(value)
                     count += 1
         if accumulated:
             self._optimizer_step(optimizer, scheduler)
@@ -262,11 +267,25 @@ class PPOModule(TrainableOnlyModule):
         stats["entropy"] = sums.get("entropy", 0.0) / max(1, -(-n // self.ppo.minibatch_size))
         return stats
 
-    def _minibatch_loss(
+    def _split_backward(self) -> bool:
+        """Backpropagate the policy loss before the critic's forward pass, so the two graphs'
+        activations never coexist (about half the update's activation memory). Needs a critic
+        with its own forward (``adapter`` or ``separate``) and one process: DDP expects every
+        trainable parameter to receive its gradient in each backward pass."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return self.value_mode in ("adapter", "separate") and world == 1
+
+    def _minibatch_losses(
         self, batch: Batch, idx, epoch: int, mask, old_logprobs, ref_logprobs, old_values, advantages, returns
-    ) -> tuple[torch.Tensor, dict]:
-        """Loss of rows ``idx`` (policy + value + optional KL term) and its parts for logging."""
-        out = self._forward(batch, idx, with_values=True, with_entropy=epoch == 0)
+    ) -> Iterator[tuple[torch.Tensor, dict]]:
+        """Losses of rows ``idx`` to backpropagate in turn, each with its parts for logging.
+
+        One loss (policy + value + optional KL term), or, with ``_split_backward``, the policy
+        loss and then the value loss: the generator computes the critic's forward only after
+        the caller has run the policy loss's backward. The gradients are the same either way.
+        """
+        split = self._split_backward()
+        out = self._forward(batch, idx, with_values=not split, with_entropy=epoch == 0)
         m = mask[idx]
         if self.algorithm == "reinforce":
             pg_loss = losses.reinforce_policy_loss(out["logprobs"], advantages[idx], m)
@@ -277,15 +296,8 @@ class PPOModule(TrainableOnlyModule):
             )
         loss, step_stats = (
             pg_loss,
-            {"policy_loss": pg_loss, "clipfrac": clipfrac, "approx_kl": approx_kl},
+            {"policy_loss": pg_loss.detach(), "clipfrac": clipfrac, "approx_kl": approx_kl},
         )
-        if self.value_mode is not None:
-            cliprange_value = None if self.algorithm == "reinforce" else self.ppo.cliprange_value
-            vf_loss, vf_clipfrac = losses.value_loss(
-                out["values"], old_values[idx], returns[idx], m, cliprange_value
-            )
-            loss = loss + self.ppo.vf_coef * vf_loss
-            step_stats |= {"value_loss": vf_loss, "value_clipfrac": vf_clipfrac}
         if self.kl_spec.penalty == "loss":
             kl = losses.masked_mean(
                 losses.kl_penalty(out["logprobs"], ref_logprobs[idx], self.kl_spec.estimator), m
@@ -293,7 +305,20 @@ class PPOModule(TrainableOnlyModule):
             loss = loss + self.kl_ctl.value * kl
         if out["entropy"] is not None:
             step_stats["entropy"] = losses.masked_mean(out["entropy"], m)
-        return loss, step_stats
+        if self.value_mode is None:
+            yield loss, step_stats
+            return
+        if split:
+            yield loss, step_stats
+            # The policy graph was freed by its backward pass; only now run the critic.
+            del out, loss
+            values, loss, step_stats = self._values(batch, idx), 0.0, {}
+        else:
+            values = out["values"]
+        cliprange_value = None if self.algorithm == "reinforce" else self.ppo.cliprange_value
+        vf_loss, vf_clipfrac = losses.value_loss(values, old_values[idx], returns[idx], m, cliprange_value)
+        step_stats |= {"value_loss": vf_loss.detach(), "value_clipfrac": vf_clipfrac}
+        yield loss + self.ppo.vf_coef * vf_loss, step_stats
 
     def _optimizer_step(self, optimizer: Any, scheduler: Any) -> None:
         if self.ppo.max_grad_norm is not None:
