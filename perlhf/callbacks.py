@@ -70,7 +70,8 @@ class GoldScore(L.Callback):
     The gold function plays the human whom the reward model imitates; logging both is how reward
     over-optimisation shows (the reward-model score climbs while the gold score stalls or falls).
     Works with any rollout batch that carries ``prompts`` and ``responses`` texts
-    (``RolloutDataModule``). Logs ``train/gold_score`` per rollout and ``val/gold_score`` per
+    (``RolloutDataModule``); for image prompts the scorer also gets each row's ``images``
+    (``perlhf.data.shapes.gold_score``). Logs ``train/gold_score`` per rollout and ``val/gold_score`` per
     validation.
 
     Args:
@@ -81,7 +82,11 @@ class GoldScore(L.Callback):
         self.scorer = scorer
 
     def _mean(self, batch: dict[str, Any]) -> tuple[float, int]:
-        scores = [self.scorer(p, r) for p, r in zip(batch["prompts"], batch["responses"], strict=True)]
+        pairs = zip(batch["prompts"], batch["responses"], strict=True)
+        if "images" in batch:  # image prompts: scorer(prompt, response, images)
+            scores = [self.scorer(p, r, i) for (p, r), i in zip(pairs, batch["images"], strict=True)]
+        else:
+            scores = [self.scorer(p, r) for p, r in pairs]
         return sum(scores) / len(scores), len(scores)
 
     def on_train_batch_end(

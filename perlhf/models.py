@@ -9,6 +9,9 @@ Memory switches, all in ``ModelConfig``: ``quantization`` loads the frozen backb
 or 8-bit with bitsandbytes under the adapters (QLoRA; CUDA only), ``gradient_checkpointing``
 recomputes each block's activations in the backward pass, and ``dtype`` sets the weights' load
 dtype. Mixed precision itself is the Trainer's ``precision`` (``bf16-mixed`` etc.).
+
+Vision-language checkpoints (a config with a ``vision_config``) load with
+``AutoModelForImageTextToText`` instead, with LoRA on the language model (``perlhf.vlm``).
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ from typing import Literal
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from perlhf.vlm import VisionRewardModel, is_vision_language, lora_target_regex
 
 # Attention projections per architecture (``config.model_type``). GPT-2 style models name the
 # attention output ``c_proj`` like the MLP output, so their target is a regex that matches the
@@ -38,6 +45,8 @@ ATTENTION_TARGETS: dict[str, list[str] | str] = {
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2_vl_text": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2_5_vl_text": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -66,7 +75,10 @@ class LoraSpec:
     """Dropout on the adapter input."""
     target_modules: list[str] | str | None = None
     """Module names (suffix match) or one regex (full match). None: the architecture's attention
-    projections (``ATTENTION_TARGETS``)."""
+    projections (``ATTENTION_TARGETS``; for a VLM, its language model's)."""
+    vision: bool = False
+    """VLM backbones: also adapt the vision tower's attention projections (default: the vision
+    tower stays frozen and unadapted). Ignored when ``target_modules`` is set."""
 
 
 @dataclass
@@ -85,6 +97,11 @@ class ModelConfig:
     """Dtype the weights are loaded in. Keep float32 with a ``*-mixed`` Trainer precision."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant, peft-compatible)."""
+    disable_dropout: bool = False
+    """Set every dropout probability of the backbone to 0 (TRL's reward-model default). Saves the
+    dropout masks and, on CPU, lets attention use the fused kernel; matters for models trained
+    with dropout (GPT-2, OPT), not for Llama/Qwen-style ones (no dropout). ``PPOModule`` always
+    runs without dropout."""
     attn_implementation: str | None = None
     """``sdpa``, ``eager``, ``flash_attention_2``…; None: transformers' default."""
     revision: str | None = None
@@ -190,13 +207,32 @@ def _quantization_kwargs(cfg: ModelConfig) -> dict:
     return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
+def is_vlm(cfg: ModelConfig, name_or_path: str | None = None) -> bool:
+    """Whether the checkpoint (``cfg.name_or_path`` unless given) is a vision-language model."""
+    config = AutoConfig.from_pretrained(
+        name_or_path or cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+    )
+    return is_vision_language(config)
+
+
+def load_pretrained(cfg: ModelConfig, name_or_path: str | None = None) -> PreTrainedModel:
+    """A generative backbone: ``AutoModelForImageTextToText`` for a VLM, else ``AutoModelForCausalLM``."""
+    path = name_or_path or cfg.name_or_path
+    auto = AutoModelForImageTextToText if is_vlm(cfg, path) else AutoModelForCausalLM
+    return auto.from_pretrained(path, **_load_kwargs(cfg))
+
+
 def build_reward_model(cfg: ModelConfig, pad_token_id: int) -> nn.Module:
     """Sequence classifier with one scalar output per sequence, LoRA-wrapped unless ``full``.
 
     The score head is always trainable (peft's ``modules_to_save``) and saved with the adapter.
+    A VLM becomes a ``VisionRewardModel``: its trunk (LoRA on the language model) + a scalar head.
     """
     if not cfg.name_or_path:
         raise ValueError("model.name_or_path is empty: set a hub id or a local model folder")
+    if is_vlm(cfg):
+        trunk = AutoModelForImageTextToText.from_pretrained(cfg.name_or_path, **_load_kwargs(cfg))
+        return VisionRewardModel(_finish(trunk, cfg, task_type=None))
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             cfg.name_or_path, num_labels=1, **_load_kwargs(cfg)
@@ -211,6 +247,10 @@ def build_reward_model(cfg: ModelConfig, pad_token_id: int) -> nn.Module:
         raise
     # HF pools the score at the last non-pad token, so the model must know the pad id.
     model.config.pad_token_id = pad_token_id
+    # A reward model never generates. With the use_cache=True of GPT-2/Llama/Qwen configs every
+    # training forward would copy all layers' keys and values into a KV cache nothing reads
+    # (2·layers·N·L·hidden floats, alive at the activation peak).
+    model.config.use_cache = False
     return _finish(model, cfg, task_type="SEQ_CLS")
 
 
@@ -219,7 +259,7 @@ def build_causal_lm(cfg: ModelConfig, adapter_name: str = "default") -> nn.Modul
     if not cfg.name_or_path:
         raise ValueError("model.name_or_path is empty: set a hub id or a local model folder")
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **_load_kwargs(cfg))
+        model = load_pretrained(cfg)
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise ValueError(
@@ -230,14 +270,23 @@ def build_causal_lm(cfg: ModelConfig, adapter_name: str = "default") -> nn.Modul
     return _finish(model, cfg, task_type="CAUSAL_LM", adapter_name=adapter_name)
 
 
-def default_lora_targets(model: PreTrainedModel) -> list[str] | str:
-    model_type = model.config.model_type
+def default_lora_targets(model: PreTrainedModel, vision: bool = False) -> list[str] | str:
+    """The attention projections of ``model``; of a VLM's language model (and with ``vision``
+    its vision tower) as one regex over module paths."""
+    vlm = is_vision_language(model.config)
+    if vision and not vlm:
+        raise ValueError(
+            "model.lora.vision=True needs a vision-language backbone; this one has no vision tower"
+        )
+    model_type = model.config.get_text_config().model_type if vlm else model.config.model_type
     if model_type not in ATTENTION_TARGETS:
         raise ValueError(
             f"no default LoRA targets for model type {model_type!r}; set model.lora.target_modules "
             "to the attention projection names of this architecture "
             f"(e.g. {ATTENTION_TARGETS['llama']})"
         )
+    if vlm:
+        return lora_target_regex(model, ATTENTION_TARGETS[model_type], vision)
     return ATTENTION_TARGETS[model_type]
 
 
@@ -295,9 +344,21 @@ def checkpointing_in_eval(model: nn.Module) -> Iterator[None]:
             module.training = False
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Zero every dropout probability: ``nn.Dropout`` modules and the float ``attention_dropout``
+    attributes that Llama-style attention passes to its kernel."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def _finish(
-    model: PreTrainedModel, cfg: ModelConfig, task_type: str, adapter_name: str = "default"
+    model: PreTrainedModel, cfg: ModelConfig, task_type: str | None, adapter_name: str = "default"
 ) -> nn.Module:
+    if cfg.disable_dropout:
+        disable_dropout(model)
     if cfg.finetune == "full":
         model.requires_grad_(True)
         if cfg.gradient_checkpointing:
@@ -306,7 +367,7 @@ def _finish(
 
     from peft import LoraConfig, get_peft_model
 
-    targets = cfg.lora.target_modules or default_lora_targets(model)
+    targets = cfg.lora.target_modules or default_lora_targets(model, cfg.lora.vision)
     check_targets(model, targets)
     if cfg.quantization != "none":
         from peft import prepare_model_for_kbit_training

@@ -11,6 +11,7 @@ real loading code path (``AutoModel*.from_pretrained(path)``) is what tests and 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -40,25 +41,28 @@ CHAT_TEMPLATE = (
 Arch = Literal["gpt2", "llama"]
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the built-in task's text; pad is distinct from eos."""
+def build_tiny_tokenizer(
+    vocab_size: int = 512, corpus: Iterable[str] | None = None, extra_special_tokens: tuple[str, ...] = ()
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on ``corpus`` (default: the built-in task's text); pad is distinct
+    from eos; ``extra_special_tokens`` (e.g. a VLM's ``<image>``) are single, unsplittable tokens."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[EOS, PAD, *CHAT_TOKENS],
+        special_tokens=[EOS, PAD, *CHAT_TOKENS, *extra_special_tokens],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(synthetic.corpus(), trainer=trainer)
+    tok.train_from_iterator(synthetic.corpus() if corpus is None else corpus, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=EOS,
         eos_token=EOS,
         pad_token=PAD,
-        additional_special_tokens=list(CHAT_TOKENS),
+        additional_special_tokens=[*CHAT_TOKENS, *extra_special_tokens],
         chat_template=CHAT_TEMPLATE,
         model_max_length=256,
     )

@@ -254,7 +254,9 @@ def ppo_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
 def test_ppo_under_bf16_mixed_with_checkpointing_trains_only_adapters(ppo_run: dict) -> None:
     module = ppo_run["module"]
     assert checkpointing_on(module.policy)
-    assert ppo_run["backwards"] == 4, "2 rollouts x 16 sequences / minibatch 8"
+    # 2 rollouts x 16 sequences / minibatch 8, each minibatch backpropagated in two passes (policy
+    # loss, then value loss: PPOModule._split_backward).
+    assert ppo_run["backwards"] == 8
     params = dict(module.named_parameters())
     for name, before in ppo_run["frozen"].items():
         assert torch.equal(params[name], before), f"backbone tensor {name} changed"
@@ -367,3 +369,29 @@ def test_qlora_4bit_reward_model_and_policy_train(tmp_path: Path) -> None:
 
     reference = frozen_causal_lm(cfg, str(model_dir))
     assert isinstance(reference.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_disable_dropout_makes_training_mode_forwards_deterministic(
+    tiny_model_dir: Path, finetune: str
+) -> None:
+    ids = torch.randint(10, 300, (4, 24))
+    outputs = {}
+    for off in (False, True):
+        model = build_reward_model(config(tiny_model_dir, finetune, disable_dropout=off), pad_token_id=1)
+        model.train()
+        hf = hf_model(model)
+        dropouts = [m.p for n, m in hf.named_modules() if isinstance(m, nn.Dropout) and "lora_" not in n]
+        assert dropouts and (all(p == 0.0 for p in dropouts) if off else any(p > 0 for p in dropouts))
+        with torch.no_grad():
+            outputs[off] = [model(input_ids=ids).logits for _ in range(2)]
+    assert not torch.equal(*outputs[False])  # the tiny GPT-2 is configured with dropout 0.1
+    assert torch.equal(*outputs[True])
+
+
+def test_reward_model_forward_builds_no_kv_cache(tiny_model_dir: Path) -> None:
+    """A reward model never generates: its forward must not copy keys and values into a cache
+    (GPT-2 and Llama configs default to ``use_cache=True``)."""
+    model = build_reward_model(config(tiny_model_dir), pad_token_id=1)
+    out = model(input_ids=torch.randint(10, 300, (2, 16)))
+    assert getattr(out, "past_key_values", None) is None

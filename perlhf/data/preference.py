@@ -3,6 +3,10 @@
 ``PreferenceDataModule`` loads a hub dataset, a local file or folder with ``datasets.load_dataset``,
 detects (or is told) the format, validates every row, tokenizes prompt and responses separately
 and truncates the prompt from the left so responses stay whole. See ``perlhf.data.formats``.
+
+With an image column, prompts carry images (``explicit`` and ``classifier`` formats): each prompt
+is a user turn of images + text rendered with the VLM's processor and chat template, and batches
+carry the images' pixel inputs under ``vision`` (see ``perlhf.data.images``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,16 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from perlhf.data.formats import CANONICAL, FORMATS, OPTIONAL, RowError, detect_format, to_example
+from perlhf.data.images import (
+    combine_vision,
+    encode_with_images,
+    find_image_column,
+    image_inputs,
+    load_processor,
+    render_prompt,
+    row_images,
+    undecoded,
+)
 from perlhf.data.loading import (
     Splits,
     check_mapped_columns,
@@ -39,7 +53,9 @@ class PreferenceDataModule(L.LightningDataModule):
 
     Pairwise batches hold ``input_ids``/``attention_mask`` of shape ``(2B, L)``, rows ``[:B]``
     chosen and ``[B:]`` rejected (one forward pass), plus ``margin`` ``(B,)`` when the data has
-    one; classifier batches hold ``(B, L)`` sequences and float ``labels`` ``(B,)``.
+    one; classifier batches hold ``(B, L)`` sequences and float ``labels`` ``(B,)``. Image data
+    adds ``vision``: the pixel inputs of every row's images, in row order (chosen rows' images,
+    then the same images again for the rejected rows).
 
     Args:
         path: Hub id (``Anthropic/hh-rlhf``), local ``.json``/``.jsonl``/``.parquet``/``.csv`` file,
@@ -65,6 +81,9 @@ class PreferenceDataModule(L.LightningDataModule):
         max_train_samples: Use at most this many training rows.
         max_val_samples: Use at most this many validation rows.
         seed: Seed of the validation hold-out and of training shuffling.
+        image_column: Column of each prompt's images (a file path, image bytes or a PIL image, or a
+            list of them); None: ``images`` or ``image`` when the data has one. Image data is
+            encoded with the processor (``AutoProcessor``) of the tokenizer's model, a VLM.
     """
 
     def __init__(
@@ -87,6 +106,7 @@ class PreferenceDataModule(L.LightningDataModule):
         max_train_samples: int | None = None,
         max_val_samples: int | None = None,
         seed: int = 0,
+        image_column: str | None = None,
     ) -> None:
         super().__init__()
         check_text_data_args(FORMATS, CANONICAL, format, overlong, val_fraction, max_length, columns)
@@ -100,6 +120,8 @@ class PreferenceDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_samples = {"train": max_train_samples, "val": max_val_samples}
         self.seed = seed
+        self.image_column = image_column
+        self.processor = None  # a VLM's processor, loaded when the data has images
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, Dataset] = {}
         self.num_dropped: dict[str, int] = {}
@@ -145,7 +167,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def _loader(self, key: str, batch_size: int, **kwargs: Any) -> DataLoader:
         if key not in self.datasets:
             raise RuntimeError(f"PreferenceDataModule has no {key} data yet; call setup() first")
-        collate = PadCollator(self.tokenizer.pad_token_id)
+        collate = PadCollator(self.tokenizer.pad_token_id, self.processor)
         return DataLoader(self.datasets[key], batch_size=batch_size, collate_fn=collate, **kwargs)
 
     def _load(self) -> DatasetDict:
@@ -194,19 +216,28 @@ class PreferenceDataModule(L.LightningDataModule):
 
     def _encode_split(self, key: str, split: str, dataset: Dataset, row_ids: list[int] | None) -> Dataset:
         view = self._resolve_columns(split, dataset)
+        image_column = self._image_column(split, dataset)
         if self.is_pairwise:
             outputs = ["chosen_input_ids", "rejected_input_ids"] + (["margin"] if "margin" in view else [])
         else:
             outputs = ["input_ids", "labels"]
+        if image_column is not None:
+            outputs.append("images")
+            dataset = undecoded(dataset, image_column)
 
         def encode(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
             out: dict[str, list] = {name: [] for name in outputs}
             for i, index in enumerate(indices):
                 row = {c: batch[column][i] for c, column in view.items()}
+                row_id = index if row_ids is None else row_ids[index]
+                images = None
+                if image_column is not None:
+                    where = f"{self._where(split)} row {row_id}, column {image_column!r}"
+                    images = row_images(batch[image_column][i], where)
                 try:
-                    encoded = self._encode(to_example(self.format, row, self.tokenizer, self.response_marker))
+                    example = to_example(self.format, row, self.tokenizer, self.response_marker)
+                    encoded = self._encode(example, images)
                 except RowError as err:
-                    row_id = index if row_ids is None else row_ids[index]
                     raise row_failure(self._where(split), row_id, err, view) from None
                 if encoded is not None:
                     for name in outputs:
@@ -233,17 +264,48 @@ class PreferenceDataModule(L.LightningDataModule):
             )
         return encoded
 
-    def _encode(self, example: dict[str, Any]) -> dict[str, Any] | None:
-        """Token ids of one example; None if it is overlong and ``overlong="drop"``."""
+    def _image_column(self, split: str, dataset: Dataset) -> str | None:
+        """The image column of ``split`` (None: text data); loads the processor when there is one."""
+        column = find_image_column(dataset.column_names, self.image_column, self._where(split))
+        if column is None:
+            return None
+        if self.format not in ("explicit", "classifier"):
+            raise ValueError(
+                f"{self._where(split)}: image data needs format 'explicit' (prompt/chosen/rejected) or "
+                f"'classifier' (prompt/response/label), with the images in column {column!r}; got "
+                f"format {self.format!r}"
+            )
+        if self.processor is None:
+            self.processor = load_processor(self.tokenizer.name_or_path)
+            self.tokenizer = self.processor.tokenizer
+        return column
+
+    def _encode(self, example: dict[str, Any], images: list | None = None) -> dict[str, Any] | None:
+        """Token ids of one example (and its ``images`` for image data); None if it is overlong
+        and ``overlong="drop"``."""
         tok = self.tokenizer
-        prompt_text = example["prompt"]
-        # A prompt rendered by a chat template may start with the BOS text; don't add a second one.
-        if tok.bos_token and prompt_text.startswith(tok.bos_token) and self._adds_bos():
-            prompt_text = prompt_text[len(tok.bos_token) :]
-        prompt = tok(prompt_text, add_special_tokens=True)["input_ids"]
         names = ["chosen", "rejected"] if self.is_pairwise else ["response"]
         responses = {name: tok(example[name], add_special_tokens=False)["input_ids"] for name in names}
-        keep = int(bool(prompt) and tok.bos_token_id is not None and prompt[0] == tok.bos_token_id)
+        if images is not None:
+            # Image prompts are never cut: their image tokens must match the pixel inputs.
+            text = render_prompt(self.processor, example["prompt"], len(images))
+            prompt = encode_with_images(self.processor, text, images)
+            keep = len(prompt)
+            if keep >= self.max_length:
+                if self.overlong == "drop":
+                    return None
+                raise RowError(
+                    "prompt",
+                    f"with its image tokens is {keep} tokens, no fewer than max_length={self.max_length} "
+                    "(image prompts cannot be truncated); raise max_length or set overlong='drop'",
+                )
+        else:
+            prompt_text = example["prompt"]
+            # A prompt rendered by a chat template may start with the BOS text; don't add a second one.
+            if tok.bos_token and prompt_text.startswith(tok.bos_token) and self._adds_bos():
+                prompt_text = prompt_text[len(tok.bos_token) :]
+            prompt = tok(prompt_text, add_special_tokens=True)["input_ids"]
+            keep = int(bool(prompt) and tok.bos_token_id is not None and prompt[0] == tok.bos_token_id)
         room = self.max_length - min(len(prompt), keep + 1)  # keep BOS and one prompt token at least
         longest = max(names, key=lambda name: len(responses[name]))
         if len(responses[longest]) > room:
@@ -261,10 +323,13 @@ class PreferenceDataModule(L.LightningDataModule):
         if len(prompt) > budget:
             prompt = prompt[:keep] + prompt[len(prompt) - budget + keep :]
         if not self.is_pairwise:
-            return {"input_ids": prompt + responses["response"], "labels": example["label"]}
-        encoded = {f"{name}_input_ids": prompt + ids for name, ids in responses.items()}
-        if "margin" in example:
-            encoded["margin"] = example["margin"]
+            encoded = {"input_ids": prompt + responses["response"], "labels": example["label"]}
+        else:
+            encoded = {f"{name}_input_ids": prompt + ids for name, ids in responses.items()}
+            if "margin" in example:
+                encoded["margin"] = example["margin"]
+        if images is not None:
+            encoded["images"] = images
         return encoded
 
     def _adds_bos(self) -> bool:
@@ -277,20 +342,30 @@ class PreferenceDataModule(L.LightningDataModule):
 
 
 class PadCollator:
-    """Right-pads a list of encoded examples into a batch (chosen rows first, then rejected)."""
+    """Right-pads a list of encoded examples into a batch (chosen rows first, then rejected); with
+    a VLM ``processor``, adds the examples' image inputs under ``vision`` in the same row order."""
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, processor: Any = None) -> None:
         self.pad_token_id = pad_token_id
+        self.processor = processor
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if "labels" in examples[0]:
             batch = self._pad([e["input_ids"] for e in examples])
             batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.float32)
-            return batch
-        sequences = [e["chosen_input_ids"] for e in examples] + [e["rejected_input_ids"] for e in examples]
-        batch = self._pad(sequences)
-        if "margin" in examples[0]:
-            batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
+        else:
+            sequences = [e["chosen_input_ids"] for e in examples] + [
+                e["rejected_input_ids"] for e in examples
+            ]
+            batch = self._pad(sequences)
+            if "margin" in examples[0]:
+                batch["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
+        if "images" in examples[0]:
+            if self.processor is None:
+                raise ValueError("examples carry images but PadCollator has no processor to encode them")
+            parts = [image_inputs(self.processor, e["images"]) if e["images"] else None for e in examples]
+            rows = parts if "labels" in examples[0] else parts + parts  # the rejected half repeats them
+            batch["vision"] = combine_vision(rows)
         return batch
 
     def _pad(self, sequences: list[list[int]]) -> dict[str, torch.Tensor]:

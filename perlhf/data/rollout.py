@@ -14,6 +14,11 @@ the running reward statistics, so a resumed run continues the same stream.
 Prompts come from a prompt column, or from a preference dataset in one of the pairwise formats
 of ``perlhf.data.formats`` (the reward model's own training data): each row is reduced to the
 prompt the reward model saw in training.
+
+Prompts may carry images (an image column, ``format="prompt"``): the policy, a VLM, renders
+each question + images with its processor and generates from their pixel inputs (batches carry
+them per row under ``prompt_vision``), and a VLM reward model re-renders the same question +
+images with its own processor to score the response.
 """
 
 from __future__ import annotations
@@ -39,6 +44,16 @@ from perlhf.data.formats import (
     prompt_messages,
     prompt_of,
 )
+from perlhf.data.images import (
+    combine_vision,
+    encode_with_images,
+    find_image_column,
+    image_inputs,
+    load_processor,
+    render_prompt,
+    row_images,
+    undecoded,
+)
 from perlhf.data.loading import Splits, load_dataset_dict, tokenizer_name_from, train_val_splits
 from perlhf.data.rollout_utils import (
     Prompt,
@@ -51,9 +66,11 @@ from perlhf.data.rollout_utils import (
     reward_scores,
     shape_rewards,
     shard,
+    vision_reward_scores,
 )
 from perlhf.data.sampler import EpochSeededSampler
 from perlhf.models import DTYPES, load_tokenizer
+from perlhf.vlm import VisionRewardModel
 
 Batch = dict[str, Any]
 PromptFormat = Literal["prompt", "explicit", "implicit", "conversational", "scored", "tldr"]
@@ -80,7 +97,9 @@ class RolloutDataModule(L.LightningDataModule):
     samples of prompt ``p`` are rows ``p*k … p*k+k-1``): ``prompt_ids``/``prompt_mask`` ``(N, P)``
     left-padded; ``response_ids``/``response_mask`` ``(N, R)`` right-padded, the mask 1 up to and
     including the first EOS; ``scores`` and ``raw_scores`` ``(N,)`` float32; ``ended_with_eos``
-    ``(N,)`` bool; ``prompts``/``responses`` texts; ``stats`` floats for logging.
+    ``(N,)`` bool; ``prompts``/``responses`` texts; ``stats`` floats for logging. Image prompts
+    add ``prompt_vision`` (per row, the image inputs of ``generate``; join rows with
+    ``perlhf.data.images.combine_vision``) and ``images`` (per row, the PIL images).
 
     The LightningModule must provide ``tokenizer_name_or_path``, ``device`` and
     ``generate(prompt_ids, prompt_mask, **generation_kwargs) -> (N, R)`` response tokens.
@@ -136,6 +155,9 @@ class RolloutDataModule(L.LightningDataModule):
         normalize_rewards: Normalise scores with the running mean/std of every training score so
             far, on all ranks (validation uses the statistics without updating them).
         seed: Seed of the prompt order, the validation hold-out and validation sampling.
+        image_column: Column of each prompt's images (file paths, image bytes or PIL images; see
+            ``PreferenceDataModule``); None: ``images`` or ``image`` when the data has one.
+            ``format="prompt"`` only; the policy must be a VLM (its processor encodes them).
     """
 
     def __init__(
@@ -174,6 +196,7 @@ class RolloutDataModule(L.LightningDataModule):
         reward_clip: float | None = None,
         normalize_rewards: bool = False,
         seed: int = 0,
+        image_column: str | None = None,
     ) -> None:
         super().__init__()
         positive = {
@@ -231,6 +254,8 @@ class RolloutDataModule(L.LightningDataModule):
         self.stop_at_eos = stop_at_eos
         self.missing_eos_penalty, self.reward_clip = missing_eos_penalty, reward_clip
         self.seed = seed
+        self.image_column = image_column
+        self.processor = None  # the VLM policy's processor, loaded for image prompts
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.reward_model: PreTrainedModel | None = None  # owned here, never a LightningModule submodule
         self.reward_tokenizer: PreTrainedTokenizerBase | None = None
@@ -273,8 +298,8 @@ class RolloutDataModule(L.LightningDataModule):
         if len(dataset) == 0:
             raise ValueError(f"{source} has no prompts for {key}")
         prompts = []
-        for value, where in self._prompt_values(source, dataset, row_ids):
-            prompts.append(self._encode(value, where))
+        for value, where, images in self._prompt_values(source, dataset, row_ids):
+            prompts.append(self._encode(value, where, images))
         self.num_truncated[key] = sum(p.truncated for p in prompts)
         rank_zero_info(
             f"{source} ({key}): {len(prompts)} prompts, {self.num_truncated[key]} "
@@ -284,18 +309,31 @@ class RolloutDataModule(L.LightningDataModule):
 
     def _prompt_values(
         self, source: str, dataset: Dataset, row_ids: list[int] | None
-    ) -> Iterator[tuple[Any, str]]:
-        """``(prompt string or messages, where)`` per row; ``where`` names the row in errors."""
+    ) -> Iterator[tuple[Any, str, list | None]]:
+        """``(prompt string or messages, where, images or None)`` per row; ``where`` names the row
+        in errors."""
         found = dataset.column_names
         if self.format == "prompt":
             if self.prompt_column not in found:
                 raise ValueError(
                     f"{source} has no column {self.prompt_column!r} (prompt_column); columns: {found}"
                 )
+            image_column = find_image_column(found, self.image_column, source)
+            if image_column is not None and self.processor is None:
+                self.processor = load_processor(self.tokenizer.name_or_path)
+                self.tokenizer = self.processor.tokenizer
+            column_images = undecoded(dataset, image_column)[image_column] if image_column else None
             for index, value in enumerate(dataset[self.prompt_column]):
                 row = index if row_ids is None else row_ids[index]
-                yield value, f"{source} row {row}, column {self.prompt_column!r}"
+                images = None
+                if column_images is not None:
+                    images = row_images(column_images[index], f"{source} row {row}, column {image_column!r}")
+                yield value, f"{source} row {row}, column {self.prompt_column!r}", images
             return
+        if self.image_column is not None:
+            raise ValueError(
+                f"image_column is for format='prompt' (a question column); got format={self.format!r}"
+            )
         view = self._resolve_columns(source, found)
         for index, record in enumerate(dataset.select_columns(list(dict.fromkeys(view.values())))):
             row = index if row_ids is None else row_ids[index]
@@ -309,7 +347,7 @@ class RolloutDataModule(L.LightningDataModule):
                 column = view[err.column]
                 mapped = "" if column == err.column else f" (dataset column {column!r})"
                 raise ValueError(f"{source} row {row}: {err}{mapped}") from None
-            yield value, f"{source} row {row} (format {self.format!r})"
+            yield value, f"{source} row {row} (format {self.format!r})", None
 
     def _resolve_columns(self, source: str, found: list[str]) -> dict[str, str]:
         """Canonical name -> dataset column of the columns the format reads."""
@@ -329,9 +367,24 @@ class RolloutDataModule(L.LightningDataModule):
         wanted = [c for c in FORMATS[self.format] + OPTIONAL[self.format] if c != "margin"]
         return {c: view[c] for c in wanted if c in view}
 
-    def _encode(self, value: Any, where: str) -> Prompt:
+    def _encode(self, value: Any, where: str, images: list | None = None) -> Prompt:
         """Encode one prompt; with ``apply_chat_template`` a string becomes a chat user turn for the
-        policy, while the reward model keeps scoring the string itself."""
+        policy, while the reward model keeps scoring the string itself. A prompt with ``images`` is
+        a question rendered with the VLM's processor (never truncated: image tokens must match)."""
+        if images is not None:
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(
+                    f"{where}: an image prompt must be a non-empty question string, got {value!r:.80}"
+                )
+            text = render_prompt(self.processor, value, len(images))
+            ids = encode_with_images(self.processor, text, images)
+            if len(ids) > self.max_prompt_length:
+                raise ValueError(
+                    f"{where}: the prompt with its image tokens is {len(ids)} tokens, longer than "
+                    f"max_prompt_length={self.max_prompt_length} (image prompts cannot be truncated); "
+                    "raise max_prompt_length"
+                )
+            return Prompt(text, ids, reward_text=value, images=images)
         wrap = self.apply_chat_template and isinstance(value, str)
         chat = [{"role": "user", "content": value.strip()}] if wrap else value
         prompt = encode_prompt(chat, self.tokenizer, self.max_prompt_length, self.overlong_prompt, where)
@@ -411,9 +464,11 @@ class RolloutDataModule(L.LightningDataModule):
     def _rollout(self, prompts: list[Prompt], train: bool) -> Batch:
         module, tok = self._module(), self.tokenizer
         prompt_ids, prompt_mask = left_pad([p.ids for p in prompts], tok.pad_token_id)  # (N, P)
+        vision = self._prompt_vision(prompts)
         start = time.perf_counter()
+        pixels = {k: v.to(module.device) for k, v in combine_vision(vision or []).items()}
         generated = module.generate(
-            prompt_ids.to(module.device), prompt_mask.to(module.device), **self.generation_kwargs()
+            prompt_ids.to(module.device), prompt_mask.to(module.device), **pixels, **self.generation_kwargs()
         )
         generated = generated.long().cpu()  # (N, R); .cpu() waits for the device
         generate_s = time.perf_counter() - start
@@ -429,7 +484,10 @@ class RolloutDataModule(L.LightningDataModule):
                 reward_prompts.append(prompt.reward_text)
                 reward_responses.append(join_for_reward(prompt.reward_text, response))
         start = time.perf_counter()
-        raw = self._score(reward_prompts, reward_responses, [p.messages for p in prompts])
+        if vision is not None:
+            raw = self._score_images(prompts, responses)
+        else:
+            raw = self._score(reward_prompts, reward_responses, [p.messages for p in prompts])
         score_s = time.perf_counter() - start
         scores, stats = shape_rewards(
             raw,
@@ -448,7 +506,8 @@ class RolloutDataModule(L.LightningDataModule):
                 "rollout/response_length": response_mask.sum(dim=1).float().mean().item(),
             }
         )
-        return {
+        extra = {} if vision is None else {"prompt_vision": vision, "images": [p.images for p in prompts]}
+        return extra | {
             "prompt_ids": prompt_ids,
             "prompt_mask": prompt_mask,
             "response_ids": response_ids,
@@ -461,6 +520,38 @@ class RolloutDataModule(L.LightningDataModule):
             "responses": responses,
             "stats": stats,
         }
+
+    def _prompt_vision(self, prompts: list[Prompt]) -> list[dict[str, torch.Tensor] | None] | None:
+        """Per row, the image inputs of an image prompt (None for a text prompt); None if no row
+        has images. Rows repeating a prompt share its tensors."""
+        if all(p.images is None for p in prompts):
+            return None
+        cache: dict[int, dict[str, torch.Tensor] | None] = {}
+        for p in prompts:
+            if id(p) not in cache:
+                cache[id(p)] = image_inputs(self.processor, p.images) if p.images else None
+        return [cache[id(p)] for p in prompts]
+
+    def _score_images(self, prompts: list[Prompt], responses: list[str]) -> torch.Tensor:
+        """Scores of image-prompt responses by the VLM reward model (its own processor renders
+        question + images, as in its training data)."""
+        if not isinstance(self.reward_model, VisionRewardModel):
+            raise ValueError(
+                f"the prompts carry images but reward_model={self.reward_model_name!r} is a text "
+                "model; use a VLM reward model (a RewardModule export on a vision-language backbone)"
+            )
+        device = self._device()
+        if next(self.reward_model.parameters()).device != device:
+            self.reward_model.to(device)
+        questions = [p.reward_text for p in prompts]
+        return vision_reward_scores(
+            self.reward_model,
+            self.reward_tokenizer,
+            questions,
+            [p.images or [] for p in prompts],
+            responses,
+            self.reward_batch_size,
+        )
 
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """Raw reward-model scores ``(N,)`` float32 (CPU) of ``prompts[i] + responses[i]``."""

@@ -21,7 +21,9 @@ from transformers import (
 )
 from transformers.utils.peft_utils import find_adapter_config_file
 
+from perlhf.data.images import combine_vision, encode_with_images, image_inputs, render_prompt
 from perlhf.models import DTYPES, load_tokenizer
+from perlhf.vlm import VisionRewardModel, has_reward_head
 
 NOT_A_CLASSIFIER = (
     "reward_model={path!r} is {what}; the reward model must be a sequence classifier with a scalar "
@@ -52,6 +54,9 @@ class Prompt:
     reward_text: str | None = None
     """What the reward model scores in place of ``text`` (a string prompt that was wrapped in the
     policy's chat template: the reward model was trained on the string); None: ``text``."""
+    images: list[Any] | None = None
+    """The prompt's images (a VLM policy); ``reward_text`` then holds the question, which each
+    model renders with its own processor and chat template."""
 
 
 def join_for_reward(prompt: str, response: str) -> str:
@@ -250,16 +255,49 @@ def max_positions(model: PreTrainedModel) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+@torch.no_grad()
+def vision_reward_scores(
+    model: VisionRewardModel,
+    processor: Any,
+    questions: list[str],
+    images: list[list[Any]],
+    responses: list[str],
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Scores ``(N,)`` float32 (CPU) of a VLM reward model: each question + images rendered with
+    ``processor``'s chat template, as ``PreferenceDataModule`` renders them, then the response."""
+    device = next(model.parameters()).device
+    sequences, parts = [], []
+    for question, row_images, response in zip(questions, images, responses, strict=True):
+        text = render_prompt(processor, question, len(row_images))
+        prompt = encode_with_images(processor, text, row_images)
+        sequences.append(prompt + processor.tokenizer(response, add_special_tokens=False)["input_ids"])
+        parts.append(image_inputs(processor, row_images) if row_images else None)
+    scores = []
+    for start in range(0, len(sequences), batch_size):
+        ids, mask = right_pad(sequences[start : start + batch_size], processor.tokenizer.pad_token_id)
+        vision = {k: v.to(device) for k, v in combine_vision(parts[start : start + batch_size]).items()}
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **vision).logits
+        scores.append(logits[:, 0].float().cpu())
+    return torch.cat(scores)
+
+
 def load_reward_model(
     name_or_path: str, base: str | None = None, dtype: str = "float32", trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A frozen, eval-mode sequence classifier and its tokenizer.
+    """A frozen, eval-mode sequence classifier and its tokenizer (for a VLM reward model, a
+    ``VisionRewardModel`` export, its processor).
 
     ``name_or_path`` is a peft adapter folder or hub id (``adapter_config.json``, task ``SEQ_CLS``:
     loaded onto ``base`` or the adapter's ``base_model_name_or_path`` and merged) or a plain
     ``*ForSequenceClassification`` model. The tokenizer comes from ``name_or_path``, else the base.
     """
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if has_reward_head(name_or_path):  # a VLM reward model: trunk + head, processor as "tokenizer"
+        from perlhf.data.images import load_processor
+
+        model = VisionRewardModel.from_pretrained(name_or_path, base, **kwargs)
+        return model.requires_grad_(False).eval(), load_processor(name_or_path, trust_remote_code)
     if find_adapter_config_file(name_or_path) is not None:
         from peft import PeftConfig, PeftModel
 
@@ -289,5 +327,6 @@ def load_reward_model(
         tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     # Sequence classifiers pool the score at the last non-pad token, so the ids must agree.
     model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # scoring one pass: a KV cache would only cost memory
     model.requires_grad_(False).eval()
     return model, tokenizer

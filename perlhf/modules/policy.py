@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from perlhf.losses import entropy_from_logits, logprobs_from_logits
-from perlhf.models import ModelConfig, _load_kwargs, build_causal_lm
+from perlhf.models import ModelConfig, build_causal_lm, load_pretrained
+from perlhf.vlm import is_vision_language
 
 POLICY, VALUE = "policy", "value"
 
@@ -70,8 +71,7 @@ def add_value_adapter(policy: PeftModel, cfg: ModelConfig) -> None:
 
 
 def frozen_causal_lm(cfg: ModelConfig, name_or_path: str) -> nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, **_load_kwargs(cfg))
-    return model.requires_grad_(False).eval()
+    return load_pretrained(cfg, name_or_path).requires_grad_(False).eval()
 
 
 def value_backbone(cfg: ModelConfig, name_or_path: str | None) -> nn.Module:
@@ -90,19 +90,28 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_hidden(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_len: int,
+    **vision: Any,
 ) -> torch.Tensor:
     """Last hidden states at the positions that predict each response token: ``(N, R, H)``.
 
     Runs the transformer body only (no LM head over the prompt); ``input_ids`` is prompt
-    ``(N, P)`` followed by response ``(N, R)``.
+    ``(N, P)`` followed by response ``(N, R)``. ``vision`` holds a VLM's image inputs for the
+    rows (``pixel_values``…, see ``perlhf.data.images.combine_vision``).
     """
-    body = hf_model(model).base_model
-    out = body(
+    hf = hf_model(model)
+    # A VLM places its own positions (multimodal RoPE in Qwen2-VL); its language models use RoPE,
+    # which left padding cannot shift. Absolute-position text models need padding-aware positions.
+    positions = None if is_vision_language(hf.config) else position_ids(attention_mask)
+    out = hf.base_model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
+        position_ids=positions,
         use_cache=False,  # one pass over whole sequences: a KV cache would only cost memory
+        **vision,
     )
     return out.last_hidden_state[:, prompt_len - 1 : -1]
 

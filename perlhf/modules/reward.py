@@ -12,9 +12,11 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
+from perlhf.data.images import load_processor
 from perlhf.losses import classifier_loss, pairwise_loss
 from perlhf.models import ModelConfig, build_reward_model, load_tokenizer
 from perlhf.modules.base import TrainableOnlyModule, default_optimizer
+from perlhf.vlm import VisionRewardModel
 
 Batch = dict[str, torch.Tensor]
 STAGES = ("train", "val", "test")
@@ -28,7 +30,8 @@ class RewardModule(TrainableOnlyModule):
     trains on good/bad labels with binary cross-entropy (the paper's UI-automation and VQA
     reward models). Checkpoints hold the adapter, the head and optimiser state only;
     ``save_pretrained`` exports a peft adapter (or a merged model) that plain transformers +
-    peft load.
+    peft load. A vision-language backbone scores image prompts the same way (a
+    ``perlhf.vlm.VisionRewardModel``; batches carry the images' pixel inputs under ``vision``).
 
     Args:
         model: Backbone, fine-tuning mode and LoRA settings.
@@ -58,6 +61,7 @@ class RewardModule(TrainableOnlyModule):
         self.scheduler = scheduler
         self.model: nn.Module | None = None
         self.tokenizer = None
+        self.processor = None  # a VLM backbone's processor (exported with the model)
         self.metrics = nn.ModuleDict({f"{stage}_": self._make_metrics(stage) for stage in STAGES})
 
     def _make_metrics(self, stage: str) -> nn.ModuleDict:
@@ -74,16 +78,20 @@ class RewardModule(TrainableOnlyModule):
             return
         self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, self.config.trust_remote_code)
         self.model = build_reward_model(self.config, pad_token_id=self.tokenizer.pad_token_id)
+        if isinstance(self.model, VisionRewardModel):
+            self.processor = load_processor(self.tokenizer_name_or_path, self.config.trust_remote_code)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps the mode it finds
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Scalar rewards ``(N,)`` in float32 for sequences ``(N, L)``."""
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **vision: torch.Tensor
+    ) -> torch.Tensor:
+        """Scalar rewards ``(N,)`` in float32 for sequences ``(N, L)`` (and a VLM's image inputs)."""
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **vision).logits
         return logits.squeeze(-1).float()
 
     def _shared_step(self, batch: Batch, stage: str) -> torch.Tensor:
         self._check_batch(batch)
-        rewards = self(batch["input_ids"], batch["attention_mask"])
+        rewards = self(batch["input_ids"], batch["attention_mask"], **batch.get("vision", {}))
         metrics = self.metrics[f"{stage}_"]
         if self.objective == "pairwise":
             chosen, rejected = rewards.chunk(2)
@@ -142,7 +150,7 @@ class RewardModule(TrainableOnlyModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Rewards per example: ``chosen``/``rejected`` ``(B,)`` for pairs, ``rewards`` otherwise."""
-        rewards = self(batch["input_ids"], batch["attention_mask"])
+        rewards = self(batch["input_ids"], batch["attention_mask"], **batch.get("vision", {}))
         if self.objective == "pairwise" and "labels" not in batch:
             chosen, rejected = rewards.chunk(2)
             return {"chosen": chosen, "rejected": rejected}
@@ -150,12 +158,13 @@ class RewardModule(TrainableOnlyModule):
 
     def save_pretrained(self, path: str | Path, merged: bool = False) -> Path:
         """Export in Hugging Face format: a peft adapter folder (with the score head), or with
-        ``merged`` (or under full fine-tuning) a plain ``transformers`` model. Tokenizer included.
+        ``merged`` (or under full fine-tuning) a plain ``transformers`` model. Tokenizer included
+        (a VLM's whole processor, and its head as ``reward_head.safetensors``).
         """
         path = Path(path)
         model = self.model
         if merged and self.config.finetune == "lora":
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        (self.processor or self.tokenizer).save_pretrained(path)
         return path

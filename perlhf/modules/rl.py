@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from perlhf import losses
+from perlhf.data.images import combine_vision, load_processor
 from perlhf.models import ModelConfig, build_causal_lm, checkpointing_in_eval, load_tokenizer
 from perlhf.modules.base import TrainableOnlyModule, default_optimizer
 from perlhf.modules.policy import (
@@ -33,6 +34,7 @@ from perlhf.modules.policy import (
 from perlhf.modules.rl_config import Algorithm, KLController, KLSpec, PPOSpec, ValueMode
 from perlhf.strategies import gathered_params
 from perlhf.utils import peak_memory_mb
+from perlhf.vlm import is_vision_language
 
 Batch = dict[str, Any]
 
@@ -105,6 +107,7 @@ class PPOModule(TrainableOnlyModule):
         self.critic: nn.Module | None = None
         self.value_head: nn.Linear | None = None
         self.tokenizer = None
+        self.processor = None  # a VLM policy's processor
 
     # ----------------------------------------------------------------------------- networks
     def configure_model(self) -> None:
@@ -112,6 +115,8 @@ class PPOModule(TrainableOnlyModule):
             return
         self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, self.config.trust_remote_code)
         self.policy = build_causal_lm(self.config, adapter_name=POLICY)
+        if is_vision_language(hf_model(self.policy).config):  # exported with the policy
+            self.processor = load_processor(self.tokenizer_name_or_path, self.config.trust_remote_code)
         if self.reference_model or not self.is_lora:
             self.reference = frozen_causal_lm(self.config, self.reference_model or self.config.name_or_path)
         if self.value_mode == "adapter":
@@ -149,7 +154,9 @@ class PPOModule(TrainableOnlyModule):
         input_ids, attention_mask, prompt_len = _sequences(batch, idx)
         response_ids = batch["response_ids"][idx]
         with self._policy_ctx():
-            hidden = response_hidden(self.policy, input_ids, attention_mask, prompt_len)
+            hidden = response_hidden(
+                self.policy, input_ids, attention_mask, prompt_len, **_vision(batch, idx)
+            )
         logprobs, entropy = token_logprobs(
             self.policy, hidden, response_ids, self.sampling_temperature, with_entropy
         )
@@ -162,11 +169,12 @@ class PPOModule(TrainableOnlyModule):
         """Critic values ``(n, R)`` for rows ``idx``; ``hidden``: the policy's, for ``shared``."""
         if hidden is None:
             input_ids, attention_mask, prompt_len = _sequences(batch, idx)
+            vision = _vision(batch, idx)
             if self.value_mode == "adapter":
                 with active_adapter(self.policy, VALUE):
-                    hidden = response_hidden(self.policy, input_ids, attention_mask, prompt_len)
+                    hidden = response_hidden(self.policy, input_ids, attention_mask, prompt_len, **vision)
             else:
-                hidden = response_hidden(self.critic, input_ids, attention_mask, prompt_len)
+                hidden = response_hidden(self.critic, input_ids, attention_mask, prompt_len, **vision)
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     @torch.no_grad()
@@ -178,7 +186,7 @@ class PPOModule(TrainableOnlyModule):
         else:
             model, ctx = self.policy, adapters_disabled(self.policy)
         with ctx:
-            hidden = response_hidden(model, input_ids, attention_mask, prompt_len)
+            hidden = response_hidden(model, input_ids, attention_mask, prompt_len, **_vision(batch, idx))
             return token_logprobs(model, hidden, batch["response_ids"][idx], self.sampling_temperature)[0]
 
     # ----------------------------------------------------------------------------- RL step
@@ -441,7 +449,7 @@ class PPOModule(TrainableOnlyModule):
     def save_pretrained(self, path: str | Path, merged: bool = False) -> Path:
         """Export the policy: a peft adapter folder (``<path>/policy``), or with ``merged`` (or
         under full fine-tuning) a plain ``transformers`` model; plus the value head (and value
-        adapter) when there is a critic. Tokenizer included.
+        adapter) when there is a critic. Tokenizer (a VLM's whole processor) included.
         """
         path = Path(path)
         if not self.is_lora:
@@ -460,8 +468,15 @@ class PPOModule(TrainableOnlyModule):
                 {k: v.contiguous() for k, v in self.value_head.state_dict().items()},
                 path / "value_head.safetensors",
             )
-        self.tokenizer.save_pretrained(path)
+        (self.processor or self.tokenizer).save_pretrained(path)
         return path
+
+
+def _vision(batch: Batch, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Image inputs of rows ``idx`` of an image-prompt rollout (``{}`` for text prompts)."""
+    if "prompt_vision" not in batch:
+        return {}
+    return combine_vision([batch["prompt_vision"][i] for i in idx.tolist()])
 
 
 def _sequences(batch: Batch, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
