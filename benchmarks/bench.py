@@ -296,24 +296,31 @@ def _step_timer(clock: PhaseClock, on_start: Callable[[Any, Any], None]) -> Any:
 
     class StepTimer(L.Callback):
         """``batch_s``: training batch start → end; ``interval_s``: previous batch end → this end
-        (includes fetching the batch, i.e. the rollout for RL)."""
+        (includes fetching the batch, i.e. the rollout for RL); ``cpu_batch_s`` / ``cpu_interval_s``:
+        the same spans in this process's CPU time, which a CPU shared with other work does not
+        inflate (with one torch thread it is the work itself)."""
 
         def on_train_start(self, trainer: Any, module: Any) -> None:
             on_start(trainer, module)
 
         def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
             clock.sync()
-            self.last = time.perf_counter()
+            self.last, self.last_cpu = time.perf_counter(), time.process_time()
 
         def on_train_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int) -> None:
             clock.sync()
-            self.start = time.perf_counter()
+            self.start, self.start_cpu = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, idx: int) -> None:
             clock.sync()
-            now = time.perf_counter()
-            clock.close(batch_s=now - self.start, interval_s=now - self.last)
-            self.last = now
+            now, now_cpu = time.perf_counter(), time.process_time()
+            clock.close(
+                batch_s=now - self.start,
+                interval_s=now - self.last,
+                cpu_batch_s=now_cpu - self.start_cpu,
+                cpu_interval_s=now_cpu - self.last_cpu,
+            )
+            self.last, self.last_cpu = now, now_cpu
 
     return StepTimer()
 
@@ -446,23 +453,31 @@ def _baseline(spec: dict, setting: Setting, device: Any, record: dict) -> None:
     record["trainable_params"] = 0
 
 
-def _reward(spec: dict, setting: Setting, device: Any, root: str, record: dict) -> None:
+def rm_batches(spec: dict) -> list[dict[str, Any]]:
+    """The reward-model batches of a run: ``warmup + steps`` batches of ``input_ids`` /
+    ``attention_mask`` ``(2·rm_pairs, rm_length)`` (chosen rows first), random non-special tokens
+    drawn from ``seed``, so every setting (and ``race_trl.py``'s TRL side) sees the same data."""
     import torch
+
+    pairs, length, vocab = spec["rm_pairs"], spec["rm_length"], SHAPES[spec["shape"]]["vocab_size"]
+    generator = torch.Generator().manual_seed(spec.get("seed", 0))
+    return [
+        {
+            "input_ids": torch.randint(len(SPECIAL_IDS), vocab, (2 * pairs, length), generator=generator),
+            "attention_mask": torch.ones(2 * pairs, length, dtype=torch.long),
+        }
+        for _ in range(spec["warmup"] + spec["steps"])
+    ]
+
+
+def _reward(spec: dict, setting: Setting, device: Any, root: str, record: dict) -> None:
     from torch.utils.data import DataLoader
 
     from perlhf.models import count_parameters
     from perlhf.modules import RewardModule
 
-    pairs, length, vocab = spec["rm_pairs"], spec["rm_length"], SHAPES[spec["shape"]]["vocab_size"]
-    total = spec["warmup"] + spec["steps"]
-    generator = torch.Generator().manual_seed(spec.get("seed", 0))
-    batches = [
-        {
-            "input_ids": torch.randint(len(SPECIAL_IDS), vocab, (2 * pairs, length), generator=generator),
-            "attention_mask": torch.ones(2 * pairs, length, dtype=torch.long),
-        }
-        for _ in range(total)
-    ]
+    pairs, length = spec["rm_pairs"], spec["rm_length"]
+    batches = rm_batches(spec)
     module = RewardModule(_model_config(spec, setting))
     clock = PhaseClock(device.type == "cuda")
     recomputes: list[Callable[[], int]] = []
@@ -482,6 +497,8 @@ def _reward(spec: dict, setting: Setting, device: Any, root: str, record: dict) 
             "warmup": spec["warmup"],
             "step_s": step_s,
             "step_times_s": [s["batch_s"] for s in clock.steps],
+            "interval_s": statistics.median(s["interval_s"] for s in steps),
+            "step_cpu_s": statistics.median(s["cpu_batch_s"] for s in steps),
             "tokens_per_step": 2 * pairs * length,
             "tokens_per_s": 2 * pairs * length / step_s,
             "backward_recomputes": recomputes[0](),
@@ -493,9 +510,21 @@ def _reward(spec: dict, setting: Setting, device: Any, root: str, record: dict) 
 RL_PHASES = ("generate", "score", "rollout_other", "old_logprobs_values", "reference", "update", "other")
 
 
-def _rl(spec: dict, setting: Setting, device: Any, root: str, record: dict) -> None:
+def rl_prompts(spec: dict) -> list[str]:
+    """The RL prompt set of a run: ``4·rl_prompts + 20`` texts of ``prompt_length`` random words
+    (one token each), drawn from ``seed``, each ending in a space: it keeps the prompt's last word
+    apart from the response's first one in the text the reward model re-tokenises."""
     import random
 
+    rng = random.Random(spec.get("seed", 0))
+    vocab = SHAPES[spec["shape"]]["vocab_size"]
+    return [
+        " ".join(f"w{rng.randrange(len(SPECIAL_IDS), vocab)}" for _ in range(spec["prompt_length"])) + " "
+        for _ in range(4 * spec["rl_prompts"] + 20)
+    ]
+
+
+def _rl(spec: dict, setting: Setting, device: Any, root: str, record: dict) -> None:
     import torch
 
     from perlhf.data import RolloutDataModule
@@ -504,22 +533,22 @@ def _rl(spec: dict, setting: Setting, device: Any, root: str, record: dict) -> N
     from perlhf.modules.rl_config import PPOSpec
 
     n_prompts, k = spec["rl_prompts"], spec["rl_samples"]
-    plen, new_tokens, vocab = spec["prompt_length"], spec["new_tokens"], SHAPES[spec["shape"]]["vocab_size"]
-    rng = random.Random(spec.get("seed", 0))
+    plen, new_tokens = spec["prompt_length"], spec["new_tokens"]
     prompts_file = Path(root) / "prompts.jsonl"
     with prompts_file.open("w") as f:
-        for _ in range(4 * n_prompts + 20):
-            words = " ".join(f"w{rng.randrange(len(SPECIAL_IDS), vocab)}" for _ in range(plen))
-            # The trailing space keeps the prompt's last word apart from the response's first one
-            # in the text the reward model re-tokenises (prompt + response).
-            f.write(json.dumps({"prompt": words + " "}) + "\n")
+        for prompt in rl_prompts(spec):
+            f.write(json.dumps({"prompt": prompt}) + "\n")
     total = spec["warmup"] + spec["steps"]
     algorithm = spec["task"]
     epochs = spec.get("ppo_epochs") or (4 if algorithm == "ppo" else 1)
     module = PPOModule(
         _model_config(spec, setting),
         algorithm=algorithm,
-        ppo=PPOSpec(epochs=epochs, minibatch_size=spec["minibatch"]),
+        ppo=PPOSpec(
+            epochs=epochs,
+            minibatch_size=spec["minibatch"],
+            gradient_accumulation=spec.get("gradient_accumulation", 1),
+        ),
         log_samples_every=0,
     )
     data = RolloutDataModule(
@@ -588,6 +617,7 @@ def _rl(spec: dict, setting: Setting, device: Any, root: str, record: dict) -> N
             "warmup": spec["warmup"],
             "step_s": step_s,
             "step_times_s": [s["interval_s"] for s in clock.steps],
+            "step_cpu_s": statistics.median(s["cpu_interval_s"] for s in steps),
             "phases_s": {p: statistics.median(s.get(p, 0.0) for s in steps) for p in RL_PHASES},
             "phase_steps": clock.steps,
             "samples_per_step": n,
@@ -627,14 +657,15 @@ def device_slug(record: dict) -> str:
     return "cuda-" + (re.sub(r"[^a-z0-9]+", "", words[0].lower()) if words else "gpu")
 
 
-def run_subprocess(spec: dict, timeout: float) -> dict:
-    """Run one worker in a fresh Python process; a failure becomes a record with ``error``."""
+def run_subprocess(spec: dict, timeout: float, script: Path | None = None) -> dict:
+    """Run one worker of ``script`` (default: this file) in a fresh Python process, as
+    ``script --worker SPEC --result OUT``; a failure becomes a record with ``error``."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
         cmd = [
             sys.executable,
-            str(Path(__file__).resolve()),
+            str(script or Path(__file__).resolve()),
             "--worker",
             str(spec_path),
             "--result",
@@ -648,8 +679,12 @@ def run_subprocess(spec: dict, timeout: float) -> dict:
         except subprocess.TimeoutExpired:
             failed, tail = True, f"timed out after {timeout:.0f} s"
         if failed:
-            keys = ("task", "shape", "setting")
-            return {**{k: spec[k] for k in keys}, "error": tail, "wall_s": time.perf_counter() - start}
+            keys = ("task", "shape", "setting", "framework")
+            return {
+                **{k: spec[k] for k in keys if k in spec},
+                "error": tail,
+                "wall_s": time.perf_counter() - start,
+            }
         record = json.loads(result_path.read_text())
         record["wall_s"] = time.perf_counter() - start
         return record
