@@ -348,6 +348,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, help="torch threads per worker (default: torch's)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is available")
+    p.add_argument(
+        "--live-memory",
+        action="store_true",
+        help="CPU: fix glibc's mmap threshold so peak RSS tracks live tensors (slower steps)",
+    )
     p.add_argument("--cache-dir", default=os.environ.get("PERLHF_BENCH_CACHE", "~/.cache/perlhf/bench"))
     p.add_argument("--out", help="output folder (default: benchmarks/results/<device>)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
@@ -379,7 +384,7 @@ def main(argv: list[str] | None = None) -> Path:
     opts["minibatch"] = min(opts["minibatch"], n)
     if opts["rl_samples"] < 2 or n % opts["minibatch"]:
         raise SystemExit("RLOO needs --rl-samples >= 2 and prompts × samples divisible by --minibatch")
-    opts |= {"rank": args.rank, "threads": args.threads, "seed": args.seed}
+    opts |= {"rank": args.rank, "threads": args.threads, "seed": args.seed, "live_memory": args.live_memory}
     command = "python benchmarks/race_trl.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     meta = {
         "command": command.strip(),
@@ -492,6 +497,12 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
         if gpu
         else "peak RSS of the worker process, and its rise over the RSS once each framework's modules are "
         "imported (torch, transformers, peft, plus lightning + perlhf, or trl + datasets + accelerate)"
+        + (
+            "; `--live-memory`: glibc's mmap threshold fixed at 128 KiB in both workers, so that freed "
+            "activations leave the RSS (`bench.LIVE_MEMORY_ENV`); steps are slower in this mode"
+            if opts.get("live_memory")
+            else ""
+        )
     )
     rank, n = opts["rank"], opts["rl_prompts"] * opts["rl_samples"]
     lines = [
