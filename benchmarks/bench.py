@@ -706,39 +706,38 @@ def run_subprocess(spec: dict, timeout: float, script: Path | None = None) -> di
         return record
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+RUN_OPTIONS: dict[str, tuple[type, str]] = {
+    "steps": (int, "measured steps per worker"),
+    "warmup": (int, "steps run before measuring"),
+    "rm_pairs": (int, "RM batch: preference pairs"),
+    "rm_length": (int, "RM tokens per sequence"),
+    "rl_prompts": (int, "RL prompts per step"),
+    "rl_samples": (int, "RL samples per prompt"),
+    "prompt_length": (int, "RL prompt tokens"),
+    "new_tokens": (int, "RL response tokens, exact"),
+    "minibatch": (int, "RL sequences per forward/backward"),
+}
+"""Sizing options that ``bench.py`` and ``race_trl.py`` share (their defaults: each ``DEFAULTS``)."""
+
+
+def add_run_args(p: argparse.ArgumentParser, defaults: dict[str, dict[str, Any]], tasks: tuple) -> None:
+    """The command-line options both benchmark drivers take; help shows ``defaults`` per device."""
+
+    def per_device(key: str) -> str:
+        cpu, gpu = defaults["cpu"][key], defaults["cuda"][key]
+        return f"(cpu {cpu}, gpu {gpu})" if cpu != gpu else f"({cpu})"
+
+    p.add_argument("--shapes", help=f"comma list of {', '.join(SHAPES)} {per_device('shapes')}")
+    p.add_argument("--tasks", default=",".join(tasks), help="comma list of " + ", ".join(tasks))
+    for key, (kind, text) in RUN_OPTIONS.items():
+        p.add_argument("--" + key.replace("_", "-"), type=kind, help=f"{text} {per_device(key)}")
     p.add_argument(
-        "--shapes", help="comma list of " + ", ".join(SHAPES) + " (cpu: gpt2-small; gpu: + qwen2-0.5b)"
-    )
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma list of rm, ppo, reinforce")
-    p.add_argument(
-        "--settings", default=DEFAULT_SETTINGS, help="comma list: full, lora-r<k>, each +ckpt/+<precision>"
-    )
-    p.add_argument(
-        "--grad-ckpt", action="store_true", help="gradient checkpointing for settings without +ckpt"
-    )
-    p.add_argument(
-        "--precision", choices=PRECISIONS, help="Trainer precision (cpu: 32-true; gpu: bf16-mixed)"
-    )
-    p.add_argument("--steps", type=int, help="measured steps per worker (cpu 3, gpu 5)")
-    p.add_argument("--warmup", type=int, help="steps run before measuring (cpu 1, gpu 2)")
-    p.add_argument("--rm-pairs", type=int, help="RM batch: preference pairs (cpu 4, gpu 8)")
-    p.add_argument("--rm-length", type=int, help="RM tokens per sequence (cpu 256, gpu 512)")
-    p.add_argument("--rl-prompts", type=int, help="RL prompts per rollout (cpu 8, gpu 128)")
-    p.add_argument("--rl-samples", type=int, help="RL samples per prompt (1)")
-    p.add_argument("--prompt-length", type=int, help="RL prompt tokens (64)")
-    p.add_argument("--new-tokens", type=int, help="RL response tokens, exact (cpu 32, gpu 64)")
-    p.add_argument("--minibatch", type=int, help="RL sequences per forward/backward (16)")
-    p.add_argument("--ppo-epochs", type=int, help="RL passes per batch (ppo 4, reinforce 1)")
-    p.add_argument(
-        "--reward-dtype", choices=["float32", "bfloat16"], help="RL reward model (cpu fp32, gpu bf16)"
+        "--reward-dtype",
+        choices=["float32", "bfloat16"],
+        help=f"RL reward model {per_device('reward_dtype')}",
     )
     p.add_argument("--threads", type=int, help="torch threads per worker (default: torch's)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is available")
-    p.add_argument("--no-baseline", action="store_true", help="skip the memory-floor workers")
     p.add_argument(
         "--live-memory",
         action="store_true",
@@ -750,6 +749,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+
+
+def resolve_run(
+    args: argparse.Namespace, defaults: dict[str, dict[str, Any]], tasks: tuple
+) -> tuple[str, dict[str, Any], list[str], list[str]]:
+    """``(device, options, shapes, tasks)``: the device's defaults under the flags given; exits
+    on an unknown shape or task."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    opts = {
+        key: default if getattr(args, key, None) is None else getattr(args, key)
+        for key, default in defaults[device].items()
+    }
+    shapes = [x.strip() for x in opts.pop("shapes").split(",") if x.strip()]
+    wanted = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [x for x in shapes if x not in SHAPES] + [t for t in wanted if t not in tasks]
+    if unknown:
+        raise SystemExit(f"unknown shapes/tasks: {unknown}; shapes: {list(SHAPES)}, tasks: {list(tasks)}")
+    return device, opts, shapes, wanted
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    add_run_args(p, DEFAULTS, TASKS)
+    p.add_argument(
+        "--settings", default=DEFAULT_SETTINGS, help="comma list: full, lora-r<k>, each +ckpt/+<precision>"
+    )
+    p.add_argument(
+        "--grad-ckpt", action="store_true", help="gradient checkpointing for settings without +ckpt"
+    )
+    p.add_argument(
+        "--precision", choices=PRECISIONS, help="Trainer precision (cpu: 32-true; gpu: bf16-mixed)"
+    )
+    p.add_argument("--ppo-epochs", type=int, help="RL passes per batch (ppo 4, reinforce 1)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the memory-floor workers")
     return p.parse_args(argv)
 
 
@@ -759,17 +796,7 @@ def main(argv: list[str] | None = None) -> None:
         record = run_worker(json.loads(Path(args.worker).read_text()))
         Path(args.result).write_text(json.dumps(record, indent=1))
         return
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    defaults = DEFAULTS[device]
-    opts = {key: getattr(args, key, None) for key in defaults}
-    opts = {key: defaults[key] if value is None else value for key, value in opts.items()}
-    shapes = [s.strip() for s in opts.pop("shapes").split(",") if s.strip()]
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [s for s in shapes if s not in SHAPES] + [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise SystemExit(f"unknown shapes/tasks: {unknown}; shapes: {list(SHAPES)}, tasks: {list(TASKS)}")
+    device, opts, shapes, tasks = resolve_run(args, DEFAULTS, TASKS)
     settings = [
         parse_setting(s, args.grad_ckpt, opts["precision"]) for s in args.settings.split(",") if s.strip()
     ]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -53,8 +52,6 @@ DEFAULTS = {
     "cpu": {**bench.DEFAULTS["cpu"], "rl_samples": 2},
     "cuda": {**bench.DEFAULTS["cuda"], "rl_prompts": 64, "rl_samples": 2},
 }
-OPTIONS = ("shapes", "precision", "rm_pairs", "rm_length", "rl_prompts", "rl_samples")
-OPTIONS += ("prompt_length", "new_tokens", "minibatch", "steps", "warmup", "reward_dtype")
 
 
 # --------------------------------------------------------------------------------------- workers
@@ -328,37 +325,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument(
-        "--shapes", help="comma list of " + ", ".join(bench.SHAPES) + " (cpu: gpt2-small; gpu: +qwen2-0.5b)"
-    )
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma list of rm, rloo")
+    bench.add_run_args(p, DEFAULTS, TASKS)
     p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2·rank, dropout 0.05)")
     p.add_argument("--precision", choices=["32-true", "bf16-mixed"], help="cpu: 32-true; gpu: bf16-mixed")
-    p.add_argument("--steps", type=int, help="measured steps per worker (cpu 3, gpu 5)")
-    p.add_argument("--warmup", type=int, help="steps run before measuring (cpu 1, gpu 2)")
-    p.add_argument("--rm-pairs", type=int, help="RM batch: preference pairs (cpu 4, gpu 8)")
-    p.add_argument("--rm-length", type=int, help="RM tokens per sequence (cpu 256, gpu 512)")
-    p.add_argument("--rl-prompts", type=int, help="RL prompts per step (cpu 8, gpu 64)")
-    p.add_argument("--rl-samples", type=int, help="RL samples per prompt (2)")
-    p.add_argument("--prompt-length", type=int, help="RL prompt tokens (64)")
-    p.add_argument("--new-tokens", type=int, help="RL response tokens, exact (cpu 32, gpu 64)")
-    p.add_argument("--minibatch", type=int, help="RL sequences per forward/backward (16)")
-    p.add_argument(
-        "--reward-dtype", choices=["float32", "bfloat16"], help="RL reward model (cpu fp32, gpu bf16)"
-    )
-    p.add_argument("--threads", type=int, help="torch threads per worker (default: torch's)")
-    p.add_argument("--cpu", action="store_true", help="run on CPU even if a GPU is available")
-    p.add_argument(
-        "--live-memory",
-        action="store_true",
-        help="CPU: fix glibc's mmap threshold so peak RSS tracks live tensors (slower steps)",
-    )
-    p.add_argument("--cache-dir", default=os.environ.get("PERLHF_BENCH_CACHE", "~/.cache/perlhf/bench"))
-    p.add_argument("--out", help="output folder (default: benchmarks/results/<device>)")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -368,18 +337,7 @@ def main(argv: list[str] | None = None) -> Path:
         record = run_worker(json.loads(Path(args.worker).read_text()))
         Path(args.result).write_text(json.dumps(record, indent=1))
         return Path(args.result)
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
-    opts = {key: getattr(args, key, None) for key in OPTIONS}
-    opts = {key: DEFAULTS[device][key] if value is None else value for key, value in opts.items()}
-    shapes = [s.strip() for s in opts.pop("shapes").split(",") if s.strip()]
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [s for s in shapes if s not in bench.SHAPES] + [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise SystemExit(
-            f"unknown shapes/tasks: {unknown}; shapes: {list(bench.SHAPES)}, tasks: {list(TASKS)}"
-        )
+    device, opts, shapes, tasks = bench.resolve_run(args, DEFAULTS, TASKS)
     n = opts["rl_prompts"] * opts["rl_samples"]
     opts["minibatch"] = min(opts["minibatch"], n)
     if opts["rl_samples"] < 2 or n % opts["minibatch"]:
