@@ -20,6 +20,7 @@ import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -34,7 +35,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from perlhf.vlm import VisionRewardModel, is_vision_language, lora_target_regex
+from perlhf.vlm import VisionRewardModel, is_vision_language, lora_target_regex, submodule_path
 
 # Attention projections per architecture (``config.model_type``). GPT-2 style models name the
 # attention output ``c_proj`` like the MLP output, so their target is a regex that matches the
@@ -58,6 +59,8 @@ ATTENTION_TARGETS: dict[str, list[str] | str] = {
     "roberta": ["query", "key", "value"],
 }
 
+LORA_PRESETS = ("attention", "all-linear")
+"""``LoraSpec.target_modules`` values that name a placement rather than modules."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZATIONS = ("none", "4bit", "8bit")
 QLORA_INSTALL = 'pip install "perlhf[qlora]"'
@@ -74,11 +77,21 @@ class LoraSpec:
     dropout: float = 0.05
     """Dropout on the adapter input."""
     target_modules: list[str] | str | None = None
-    """Module names (suffix match) or one regex (full match). None: the architecture's attention
-    projections (``ATTENTION_TARGETS``; for a VLM, its language model's)."""
+    """Which linear layers get an adapter. None or ``"attention"``: the architecture's attention
+    projections (``ATTENTION_TARGETS``; the paper's placement). ``"all-linear"``: every linear
+    layer of the transformer blocks, attention and MLP (for RL, attention-only LoRA
+    underperforms; "LoRA Without Regret", 2025). Otherwise module names (suffix match) or one
+    regex (full match). For a VLM the presets cover its language model only."""
     vision: bool = False
     """VLM backbones: also adapt the vision tower's attention projections (default: the vision
-    tower stays frozen and unadapted). Ignored when ``target_modules`` is set."""
+    tower stays frozen and unadapted). Ignored unless ``target_modules`` is a preset."""
+    use_dora: bool = False
+    """DoRA: learn a magnitude vector beside the low-rank direction update (peft ``use_dora``)."""
+    use_rslora: bool = False
+    """rsLoRA: scale by ``alpha / sqrt(r)`` instead of ``alpha / r`` (stable across ranks)."""
+    init: bool | str = True
+    """peft ``init_lora_weights``: True (B = 0, so a fresh adapter is the identity), ``"gaussian"``,
+    ``"pissa"``, ``"olora"``…"""
 
 
 @dataclass
@@ -86,7 +99,9 @@ class ModelConfig:
     """Which backbone to load and how to fine-tune it."""
 
     name_or_path: str = ""
-    """Hub id (``Qwen/Qwen2.5-0.5B-Instruct``) or local folder in ``from_pretrained`` layout."""
+    """Hub id (``Qwen/Qwen2.5-0.5B-Instruct``), local folder in ``from_pretrained`` layout, or a
+    ``.gguf`` file (read by transformers' GGUF loader and dequantised on every load; import it
+    once with ``python -m perlhf.import_gguf`` for fast loads)."""
     finetune: Literal["lora", "full"] = "lora"
     """``lora``: frozen backbone + adapter; ``full``: every weight trains (the paper's baseline)."""
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -152,9 +167,22 @@ class ModelConfig:
         return cls(lora=lora if isinstance(lora, LoraSpec) else LoraSpec(**lora), **value)
 
 
+def pretrained_location(name_or_path: str | Path) -> tuple[str, dict]:
+    """``(name_or_path, {})``, or for a ``.gguf`` file ``(its folder, {"gguf_file": its name})``:
+    the arguments ``from_pretrained`` takes for either."""
+    path = str(name_or_path)
+    if path.endswith(".gguf"):
+        gguf = Path(path)
+        if not gguf.is_file():
+            raise FileNotFoundError(f"GGUF file {path!r} does not exist; check model.name_or_path")
+        return str(gguf.parent), {"gguf_file": gguf.name}
+    return path, {}
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer; if it has no pad token, pad with eos (the usual choice for decoder LMs)."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    location, extra = pretrained_location(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise ValueError(
@@ -209,8 +237,9 @@ def _quantization_kwargs(cfg: ModelConfig) -> dict:
 
 def is_vlm(cfg: ModelConfig, name_or_path: str | None = None) -> bool:
     """Whether the checkpoint (``cfg.name_or_path`` unless given) is a vision-language model."""
+    location, extra = pretrained_location(name_or_path or cfg.name_or_path)
     config = AutoConfig.from_pretrained(
-        name_or_path or cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+        location, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **extra
     )
     return is_vision_language(config)
 
@@ -219,7 +248,19 @@ def load_pretrained(cfg: ModelConfig, name_or_path: str | None = None) -> PreTra
     """A generative backbone: ``AutoModelForImageTextToText`` for a VLM, else ``AutoModelForCausalLM``."""
     path = name_or_path or cfg.name_or_path
     auto = AutoModelForImageTextToText if is_vlm(cfg, path) else AutoModelForCausalLM
-    return auto.from_pretrained(path, **_load_kwargs(cfg))
+    location, extra = pretrained_location(path)
+    return dequantised(auto.from_pretrained(location, **_load_kwargs(cfg), **extra))
+
+
+def dequantised(model: PreTrainedModel) -> PreTrainedModel:
+    """Forget that ``model`` came from a GGUF file. transformers dequantises GGUF weights to
+    ordinary float tensors on load but keeps a GGUF "quantizer" that refuses ``save_pretrained``
+    (so exports, merges and checkpoints of such a model would fail)."""
+    if getattr(getattr(model.config, "quantization_config", None), "quant_method", None) == "gguf":
+        model.hf_quantizer = None
+        model.is_quantized = False
+        del model.config.quantization_config
+    return model
 
 
 def build_reward_model(cfg: ModelConfig, pad_token_id: int) -> nn.Module:
@@ -233,9 +274,10 @@ def build_reward_model(cfg: ModelConfig, pad_token_id: int) -> nn.Module:
     if is_vlm(cfg):
         trunk = AutoModelForImageTextToText.from_pretrained(cfg.name_or_path, **_load_kwargs(cfg))
         return VisionRewardModel(_finish(trunk, cfg, task_type=None))
+    location, extra = pretrained_location(cfg.name_or_path)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            cfg.name_or_path, num_labels=1, **_load_kwargs(cfg)
+            location, num_labels=1, **_load_kwargs(cfg), **extra
         )
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
@@ -245,6 +287,7 @@ def build_reward_model(cfg: ModelConfig, pad_token_id: int) -> nn.Module:
                 "backbone that supports one (e.g. GPT-2, Llama, Qwen2, Mistral, Gemma)"
             ) from err
         raise
+    model = dequantised(model)
     # HF pools the score at the last non-pad token, so the model must know the pad id.
     model.config.pad_token_id = pad_token_id
     # A reward model never generates. With the use_cache=True of GPT-2/Llama/Qwen configs every
@@ -270,24 +313,47 @@ def build_causal_lm(cfg: ModelConfig, adapter_name: str = "default") -> nn.Modul
     return _finish(model, cfg, task_type="CAUSAL_LM", adapter_name=adapter_name)
 
 
-def default_lora_targets(model: PreTrainedModel, vision: bool = False) -> list[str] | str:
-    """The attention projections of ``model``; of a VLM's language model (and with ``vision``
-    its vision tower) as one regex over module paths."""
+def default_lora_targets(
+    model: PreTrainedModel, vision: bool = False, preset: str = "attention"
+) -> list[str] | str:
+    """LoRA targets of a ``preset`` (``LORA_PRESETS``): the attention projections of ``model``, or
+    every linear layer of its transformer blocks; for a VLM those of its language model (and with
+    ``vision`` the vision tower's attention) as one regex over module paths."""
     vlm = is_vision_language(model.config)
     if vision and not vlm:
         raise ValueError(
             "model.lora.vision=True needs a vision-language backbone; this one has no vision tower"
         )
+    if preset == "all-linear":
+        names = block_linear_names(model, vlm)
+        return lora_target_regex(model, names, vision) if vlm else names
     model_type = model.config.get_text_config().model_type if vlm else model.config.model_type
     if model_type not in ATTENTION_TARGETS:
         raise ValueError(
             f"no default LoRA targets for model type {model_type!r}; set model.lora.target_modules "
             "to the attention projection names of this architecture "
-            f"(e.g. {ATTENTION_TARGETS['llama']})"
+            f"(e.g. {ATTENTION_TARGETS['llama']}) or to 'all-linear'"
         )
     if vlm:
         return lora_target_regex(model, ATTENTION_TARGETS[model_type], vision)
     return ATTENTION_TARGETS[model_type]
+
+
+def block_linear_names(model: nn.Module, vlm: bool = False) -> list[str]:
+    """Sorted leaf names of the linear layers inside numbered transformer blocks (``...layers.3.
+    mlp.up_proj`` → ``up_proj``); a VLM's language model only. Heads (``lm_head``, ``score``) and
+    embeddings sit outside the blocks and are never included."""
+    prefix = ""
+    if vlm:
+        prefix = submodule_path(model, model.config.get_text_config(), "language model") + "."
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if _is_linear(module) and name.startswith(prefix) and re.search(r"\.\d+\.", name)
+    }
+    if not names:
+        raise ValueError("model.lora.target_modules='all-linear': no linear layer inside numbered blocks")
+    return sorted(names)
 
 
 def check_targets(model: nn.Module, targets: list[str] | str) -> None:
@@ -303,7 +369,7 @@ def check_targets(model: nn.Module, targets: list[str] | str) -> None:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if _is_linear(m)})
         raise ValueError(
             f"model.lora.target_modules {missing} match no module of the model; linear layers "
-            f"available: {linear}"
+            f"available: {linear}; presets: {list(LORA_PRESETS)}"
         )
 
 
@@ -367,7 +433,9 @@ def _finish(
 
     from peft import LoraConfig, get_peft_model
 
-    targets = cfg.lora.target_modules or default_lora_targets(model, cfg.lora.vision)
+    targets = cfg.lora.target_modules or "attention"
+    if targets in LORA_PRESETS:
+        targets = default_lora_targets(model, cfg.lora.vision, targets)
     check_targets(model, targets)
     if cfg.quantization != "none":
         from peft import prepare_model_for_kbit_training
@@ -388,6 +456,9 @@ def _finish(
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=targets,
+        use_dora=cfg.lora.use_dora,
+        use_rslora=cfg.lora.use_rslora,
+        init_lora_weights=cfg.lora.init,
     )
     return get_peft_model(model, lora, adapter_name=adapter_name)
 

@@ -66,12 +66,18 @@ def prepare(root: str | Path = DEFAULT_ROOT, force: bool = False, seed: int = 0)
 # ------------------------------------------------------------------------------ configs
 
 
-def load_config(name: str, root: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``configs/quickstart/<name>.yaml`` with ``checkpoints/quickstart`` rebased to ``root``,
-    logs under ``<root>/logs`` and dotted-key ``overrides`` applied
-    (``{"model.init_args.model.lora.r": 4}``)."""
-    config = yaml.safe_load((REPO_CONFIGS / f"{name}.yaml").read_text())
-    config = _rebase(config, str(root))
+def load_config(
+    name: str,
+    root: str | Path,
+    overrides: dict[str, Any] | None = None,
+    configs: Path = REPO_CONFIGS,
+    default_root: str = DEFAULT_ROOT,
+) -> dict[str, Any]:
+    """``<configs>/<name>.yaml`` (default ``configs/quickstart``) with its ``default_root`` paths
+    (``checkpoints/quickstart``) rebased to ``root``, logs under ``<root>/logs`` and dotted-key
+    ``overrides`` applied (``{"model.init_args.model.lora.r": 4}``)."""
+    config = yaml.safe_load((configs / f"{name}.yaml").read_text())
+    config = _rebase(config, str(root), default_root)
     for key, value in (overrides or {}).items():
         node = config
         *parents, leaf = key.split(".")
@@ -81,13 +87,13 @@ def load_config(name: str, root: str | Path, overrides: dict[str, Any] | None = 
     return config
 
 
-def _rebase(node: Any, root: str) -> Any:
+def _rebase(node: Any, root: str, default_root: str) -> Any:
     if isinstance(node, dict):
-        return {k: _rebase(v, root) for k, v in node.items()}
+        return {k: _rebase(v, root, default_root) for k, v in node.items()}
     if isinstance(node, list):
-        return [_rebase(v, root) for v in node]
-    if isinstance(node, str) and (node == DEFAULT_ROOT or node.startswith(DEFAULT_ROOT + "/")):
-        return root + node[len(DEFAULT_ROOT) :]
+        return [_rebase(v, root, default_root) for v in node]
+    if isinstance(node, str) and (node == default_root or node.startswith(default_root + "/")):
+        return root + node[len(default_root) :]
     return node
 
 
