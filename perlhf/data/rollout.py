@@ -31,7 +31,7 @@ from typing import Any, Literal
 import lightning.pytorch as L
 import torch
 from datasets import Dataset
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -147,8 +147,10 @@ class RolloutDataModule(L.LightningDataModule):
         rollouts_per_epoch: Rollout batches per training epoch.
         max_new_tokens: Maximum response tokens.
         temperature: Sampling temperature.
-        top_p: Nucleus sampling threshold (1: off).
-        top_k: Top-k sampling (0: off).
+        top_p: Nucleus sampling threshold (1: off). Log-probs stay those of the untruncated
+            policy, so values below 1 make sampling slightly off-policy (a warning says so).
+        top_k: Top-k sampling (0: off); truncates like ``top_p``. Nothing else of the
+            checkpoint's ``generation_config`` (repetition penalty…) reaches the sampler.
         stop_at_eos: Stop generating at EOS. Responses are cut at their first EOS either way.
         missing_eos_penalty: Added to the score of responses that never emitted EOS.
         reward_clip: Clamp scores to ``±reward_clip`` (after normalisation).
@@ -219,6 +221,12 @@ class RolloutDataModule(L.LightningDataModule):
         if temperature <= 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
             raise ValueError(
                 f"need temperature > 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, {top_p}, {top_k}"
+            )
+        if top_p < 1.0 or top_k > 0:
+            rank_zero_warn(
+                f"top_p={top_p}, top_k={top_k} truncate the sampling distribution, while the policy "
+                "being optimised (training and KL log-probs) is the full softmax(logits / temperature): "
+                "the samples are then slightly off-policy; keep top_p=1, top_k=0 for exact on-policy RL"
             )
         if reward_clip is not None and reward_clip <= 0:
             raise ValueError(f"reward_clip must be positive, got {reward_clip}")
