@@ -11,6 +11,7 @@ from perlhf.losses import (
     classifier_loss,
     entropy_from_logits,
     gae,
+    kl_loss,
     kl_penalty,
     logprobs_from_logits,
     masked_mean,
@@ -201,8 +202,36 @@ def test_kl_penalty_estimators():
 
 
 def test_kl_penalty_rejects_unknown_estimator():
-    with pytest.raises(ValueError, match="estimator.*k1.*k3"):
-        kl_penalty(t([0.0]), t([0.0]), "k2")
+    with pytest.raises(ValueError, match="estimator.*k1.*k2.*k3"):
+        kl_penalty(t([0.0]), t([0.0]), "k4")
+
+
+def test_kl_loss_values_on_policy_by_hand():
+    # log π = -1, log π_ref = -2, on-policy (ρ = 1): k1 = 1, k2 = 0.5, k3 = e^-1 - 1 + 1
+    logprobs, ref = t([[-1.0]]), t([[-2.0]])
+    close(kl_loss(logprobs, logprobs, ref, "k1"), [[1.0]])
+    close(kl_loss(logprobs, logprobs, ref, "k2"), [[0.5]])
+    close(kl_loss(logprobs, logprobs, ref, "k3"), [[math.exp(-1.0)]])
+    # off-policy by log ρ = 0.5: k1 and k3 scale by ρ = e^0.5, and so does k2's value
+    close(kl_loss(logprobs, logprobs - 0.5, ref, "k1"), [[math.exp(0.5)]])
+    close(kl_loss(logprobs, logprobs - 0.5, ref, "k2"), [[0.5 * math.exp(0.5)]])
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_kl_loss_expected_gradient_is_the_kl_gradient(estimator, off_policy):
+    """Σ_y π_old(y) ∇ kl_loss(y) = ∇ KL(π ‖ π_ref), exactly, over a 4-token vocabulary."""
+    theta = t([0.3, -0.2, 1.0, 0.1]).requires_grad_()
+    ref = torch.log_softmax(t([0.0, 0.5, -0.5, 0.2]), -1)
+    logprobs = torch.log_softmax(theta, -1)
+    old = torch.log_softmax(t([0.1, 0.1, 0.6, -0.3]), -1) if off_policy else logprobs.detach()
+    (exact,) = torch.autograd.grad((logprobs.exp() * (logprobs - ref)).sum(), theta, retain_graph=True)
+    surrogate = (old.exp() * kl_loss(logprobs, old, ref, estimator)).sum()
+    (estimated,) = torch.autograd.grad(surrogate, theta, retain_graph=True)
+    close(estimated, exact, atol=1e-12)
+    # the naive loss ∇ k1 has expected gradient 0, not the KL gradient
+    (naive,) = torch.autograd.grad((logprobs.detach().exp() * (logprobs - ref)).sum(), theta)
+    close(naive, torch.zeros(4), atol=1e-12)
 
 
 def test_rloo_advantages():

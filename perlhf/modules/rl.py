@@ -20,13 +20,16 @@ from perlhf.data.images import combine_vision, load_processor
 from perlhf.models import ModelConfig, build_causal_lm, checkpointing_in_eval, load_tokenizer
 from perlhf.modules.base import TrainableOnlyModule, default_optimizer
 from perlhf.modules.policy import (
+    NEUTRAL_SAMPLING,
     POLICY,
     VALUE,
     active_adapter,
     adapters_disabled,
     add_value_adapter,
+    clean_generation_config,
     frozen_causal_lm,
     hf_model,
+    recompute_under_forward_adapters,
     response_hidden,
     token_logprobs,
     value_backbone,
@@ -92,6 +95,11 @@ class PPOModule(TrainableOnlyModule):
             value = "adapter" if model.finetune == "lora" else "separate"
         if value == "adapter" and model.finetune != "lora":
             raise ValueError("value='adapter' needs model.finetune='lora'; use value: separate or shared")
+        if algorithm == "reinforce" and ppo.epochs != 1:
+            raise ValueError(
+                f"algorithm 'reinforce' has no importance ratio, so it must stay on-policy: ppo.epochs "
+                f"must be 1, got {ppo.epochs} (use 'ppo' or 'rloo' for several epochs per rollout)"
+            )
         self.save_plain_hyperparameters()
         self.automatic_optimization = False
         self.config, self.algorithm, self.ppo, self.kl_spec = model, algorithm, ppo, kl
@@ -102,6 +110,7 @@ class PPOModule(TrainableOnlyModule):
         self.kl_ctl = KLController(kl)
         self.rollout_step = 0
         self.sampling_temperature = 1.0
+        self.value_initialized = False
         self.policy: nn.Module | None = None
         self.reference: nn.Module | None = None
         self.critic: nn.Module | None = None
@@ -121,6 +130,8 @@ class PPOModule(TrainableOnlyModule):
             self.reference = frozen_causal_lm(self.config, self.reference_model or self.config.name_or_path)
         if self.value_mode == "adapter":
             add_value_adapter(self.policy, self.config)
+        if self.is_lora and self.config.gradient_checkpointing:
+            recompute_under_forward_adapters(self.policy)
         elif self.value_mode == "separate":
             self.critic = value_backbone(self.config, self.value_model)
         if self.value_mode is not None:
@@ -136,11 +147,13 @@ class PPOModule(TrainableOnlyModule):
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Sample responses ``(N, R)`` for left-padded prompts ``(N, P)`` with the policy."""
-        self.sampling_temperature = float(kwargs.get("temperature") or 1.0)
+        """Sample responses ``(N, R)`` for left-padded prompts ``(N, P)`` with the policy, from
+        ``kwargs`` alone (never the checkpoint's ``generation_config``)."""
+        kwargs = NEUTRAL_SAMPLING | kwargs
+        self.sampling_temperature = float(kwargs["temperature"])
         was_training = self.policy.training
         self.policy.eval()
-        with gathered_params(self._trainer), self._policy_ctx():
+        with gathered_params(self._trainer), self._policy_ctx(), clean_generation_config(self.policy):
             out = self.policy.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, **kwargs
             )
@@ -193,6 +206,7 @@ class PPOModule(TrainableOnlyModule):
     def training_step(self, batch: Batch, batch_idx: int) -> None:
         self.eval()
         self._check_finite("reward-model scores", batch["scores"])
+        self.initialize_value_head(batch["scores"])
         n = batch["response_ids"].shape[0]
         mask = batch["response_mask"].float()
         old, ref = [], []
@@ -220,6 +234,21 @@ class PPOModule(TrainableOnlyModule):
         self.kl_ctl.update(kl_per_seq, n * world)
         self.rollout_step += 1
         self._log_rollout(batch, mask, kl_per_seq, stats, old_values, returns)
+
+    @torch.no_grad()
+    def initialize_value_head(self, scores: torch.Tensor) -> None:
+        """Start the critic at the reward scale: on the first rollout, set the value head's bias to
+        the mean score ``(N,)`` (with γ = 1 every token's return starts near it). From 0, value
+        clipping (±``cliprange_value`` per rollout) would make the critic crawl to scores of a few
+        units. Later calls (and a resumed run) leave the head alone."""
+        if self.value_head is None or self.value_initialized:
+            return
+        mean = scores.float().mean()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            mean = self.trainer.strategy.reduce(mean.to(self.device), reduce_op="mean")
+        self.value_head.bias.fill_(mean.item())
+        self.value_initialized = True
 
     def _advantages(
         self, batch: Batch, mask: torch.Tensor, kl_tokens: torch.Tensor, values: torch.Tensor | None
@@ -252,6 +281,10 @@ class PPOModule(TrainableOnlyModule):
         sums: dict[str, float] = {}
         count = 0
         accumulated = 0
+        # REINFORCE has no importance ratio: all of a rollout's minibatches make one step.
+        accumulation = (
+            len(self._chunks(n)) if self.algorithm == "reinforce" else self.ppo.gradient_accumulation
+        )
         # The module trains in eval mode (no dropout); keep gradient checkpointing active anyway.
         with checkpointing_in_eval(self):
             for epoch in range(self.ppo.epochs):
@@ -261,11 +294,11 @@ class PPOModule(TrainableOnlyModule):
                         batch, idx, epoch, mask, old_logprobs, ref_logprobs, old_values, advantages, returns
                     ):
                         self._check_finite("loss", loss)
-                        self.manual_backward(loss / self.ppo.gradient_accumulation)
+                        self.manual_backward(loss / accumulation)
                         for key, value in step_stats.items():
                             sums[key] = sums.get(key, 0.0) + float(value)
                     accumulated += 1
-                    if accumulated == self.ppo.gradient_accumulation:
+                    if accumulated == accumulation:
                         self._optimizer_step(optimizer, scheduler)
                         accumulated = 0
                     count += 1
@@ -307,10 +340,8 @@ class PPOModule(TrainableOnlyModule):
             {"policy_loss": pg_loss.detach(), "clipfrac": clipfrac, "approx_kl": approx_kl},
         )
         if self.kl_spec.penalty == "loss":
-            kl = losses.masked_mean(
-                losses.kl_penalty(out["logprobs"], ref_logprobs[idx], self.kl_spec.estimator), m
-            )
-            loss = loss + self.kl_ctl.value * kl
+            kl = losses.kl_loss(out["logprobs"], old_logprobs[idx], ref_logprobs[idx], self.kl_spec.estimator)
+            loss = loss + self.kl_ctl.value * losses.masked_mean(kl, m)
         if out["entropy"] is not None:
             step_stats["entropy"] = losses.masked_mean(out["entropy"], m)
         if self.value_mode is None:
@@ -328,11 +359,15 @@ class PPOModule(TrainableOnlyModule):
         step_stats |= {"value_loss": vf_loss.detach(), "value_clipfrac": vf_clipfrac}
         yield loss + self.ppo.vf_coef * vf_loss, step_stats
 
-    def _optimizer_step(self, optimizer: Any, scheduler: Any) -> None:
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Clip here: the precision plugin calls this after unscaling fp16 gradients (clipping
+        before ``optimizer.step()`` would clip the loss-scaled ones, Lightning #18089)."""
         if self.ppo.max_grad_norm is not None:
             self.clip_gradients(
                 optimizer, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm"
             )
+
+    def _optimizer_step(self, optimizer: Any, scheduler: Any) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
@@ -437,6 +472,7 @@ class PPOModule(TrainableOnlyModule):
             "kl_coef": self.kl_ctl.value,
             "rollout_step": self.rollout_step,
             "sampling_temperature": self.sampling_temperature,
+            "value_initialized": self.value_initialized,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -445,6 +481,8 @@ class PPOModule(TrainableOnlyModule):
         self.kl_ctl.value = state.get("kl_coef", self.kl_ctl.value)
         self.rollout_step = state.get("rollout_step", 0)
         self.sampling_temperature = state.get("sampling_temperature", 1.0)
+        # A checkpoint from before this flag holds a trained head: never re-initialise it.
+        self.value_initialized = state.get("value_initialized", "rl_state" in checkpoint)
 
     def save_pretrained(self, path: str | Path, merged: bool = False) -> Path:
         """Export the policy: a peft adapter folder (``<path>/policy``), or with ``merged`` (or

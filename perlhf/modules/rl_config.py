@@ -49,10 +49,24 @@ class KLSpec:
     """Target KL (nats per sequence) for the adaptive controller."""
     horizon: int = 10000
     """Controller horizon in samples."""
-    estimator: Literal["k1", "k3"] = "k1"
-    """Per-token estimator: k1 = log π − log π_ref; k3 = unbiased, non-negative."""
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token estimator: k1 = log π − log π_ref; k2 = ½ (log π − log π_ref)²; k3 = π_ref/π − 1 −
+    log(π_ref/π). In the reward only k1 gives the gradient of KL(π‖π_ref); in the loss each is
+    importance-weighted so its expected gradient is that one (``losses.kl_loss``)."""
     penalty: Literal["reward", "loss"] = "reward"
     """``reward``: subtract β·KL from per-token rewards; ``loss``: add β·KL to the loss."""
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"kl.estimator must be 'k1', 'k2' or 'k3', got {self.estimator!r}")
+        if self.penalty not in ("reward", "loss"):
+            raise ValueError(f"kl.penalty must be 'reward' or 'loss', got {self.penalty!r}")
+        if self.penalty == "reward" and self.estimator != "k1":
+            raise ValueError(
+                f"kl.estimator={self.estimator!r} as a reward penalty does not give the gradient of "
+                "KL(π‖π_ref) (the policy gradient drops E[∇k], which is 0 only for k1); use "
+                "estimator: k1 with penalty: reward, or penalty: loss"
+            )
 
 
 class KLController:
