@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from perlhf.losses import (
+    aggregate,
     classifier_loss,
+    clipped_surrogate,
     entropy_from_logits,
     gae,
+    group_advantages,
     kl_loss,
     kl_penalty,
     logprobs_from_logits,
@@ -279,3 +282,36 @@ def test_entropy_from_logits():
     out = entropy_from_logits(peaked)
     assert out.dtype == torch.float32
     close(out, [[0.0]], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- GRPO
+
+
+def test_group_advantages_by_hand():
+    rewards = t([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])
+    # group 0: mean 2, unbiased std 1; group 1: mean 2, std sqrt((4 + 4 + 16) / 2) = sqrt(12)
+    s = math.sqrt(12.0)
+    close(group_advantages(rewards, k=3, eps=0.0), [-1.0, 0.0, 1.0, -2 / s, -2 / s, 4 / s])
+    close(group_advantages(rewards, k=3, scale=False), [-1.0, 0.0, 1.0, -2.0, -2.0, 4.0])
+    close(group_advantages(t([5.0, 5.0]), k=2), [0.0, 0.0])  # equal rewards: no signal, no NaN
+    with pytest.raises(ValueError, match="k >= 2"):
+        group_advantages(rewards, k=1)
+
+
+def test_loss_aggregations_by_hand():
+    per_token = t([[1.0, 2.0, 3.0, 7.0], [4.0, 9.0, 9.0, 9.0]])
+    mask = t([[1, 1, 1, 0], [1, 0, 0, 0]])
+    close(aggregate(per_token, mask, "grpo"), (6 / 3 + 4 / 1) / 2)  # per-sequence means
+    close(aggregate(per_token, mask, "dr_grpo"), (6 + 4) / (2 * 4))  # constant normaliser
+    close(aggregate(per_token, mask, "dr_grpo", max_tokens=10), (6 + 4) / (2 * 10))
+    close(aggregate(per_token, mask, "dapo"), (6 + 4) / 4)  # token mean over the batch
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate(per_token, mask, "mean")
+
+
+def test_clipped_surrogate_matches_ppo_loss():
+    logprobs, old = t([[-1.0, -0.5]]), t([[-1.2, -1.5]])
+    per_token, clipped = clipped_surrogate(logprobs, old, t([[1.0, 1.0]]), cliprange=0.2)
+    # ratios e^0.2 = 1.221 (clipped to 1.2) and e^1 (clipped): -min(ρ, 1.2)
+    close(per_token, [[-1.2, -1.2]])
+    assert clipped.tolist() == [[True, True]]

@@ -1,4 +1,4 @@
-"""On-policy RL with LoRA: PPO, the paper's REINFORCE with a value baseline, and RLOO."""
+"""On-policy RL with LoRA: PPO, the paper's REINFORCE with a value baseline, RLOO and GRPO."""
 
 from __future__ import annotations
 
@@ -55,11 +55,12 @@ class PPOModule(TrainableOnlyModule):
 
     Algorithms: ``ppo`` (clipped surrogate, GAE, clipped value loss), ``reinforce`` (REINFORCE
     with a learned value baseline, sequence reward at the last token, γ = 1 — the paper's choice),
-    ``rloo`` (leave-one-out baseline over ``samples_per_prompt`` samples, no critic).
+    ``rloo`` (leave-one-out baseline over ``samples_per_prompt`` samples, no critic), ``grpo``
+    (group-normalised advantages, clipped ratio, KL in the loss, ``ppo.loss_aggregation``).
 
     Args:
         model: Policy backbone and fine-tuning mode. Under LoRA the policy is adapter ``policy``.
-        algorithm: ``ppo``, ``reinforce`` or ``rloo``.
+        algorithm: ``ppo``, ``reinforce``, ``rloo`` or ``grpo``.
         ppo: Update settings (epochs, minibatches, clipping, GAE).
         kl: KL-to-reference coefficient, controller, estimator and where the penalty enters.
         value: Critic: ``adapter`` (a ``value`` LoRA adapter on the policy backbone, LoRA only),
@@ -89,8 +90,10 @@ class PPOModule(TrainableOnlyModule):
         model = ModelConfig.coerce(model)
         ppo = ppo if isinstance(ppo, PPOSpec) else PPOSpec(**(ppo or {}))
         kl = kl if isinstance(kl, KLSpec) else KLSpec(**(kl or {}))
-        if algorithm not in ("ppo", "reinforce", "rloo"):
-            raise ValueError(f"algorithm must be 'ppo', 'reinforce' or 'rloo', got {algorithm!r}")
+        if algorithm not in ("ppo", "reinforce", "rloo", "grpo"):
+            raise ValueError(f"algorithm must be 'ppo', 'reinforce', 'rloo' or 'grpo', got {algorithm!r}")
+        if algorithm == "grpo" and kl.penalty != "loss":
+            raise ValueError("algorithm 'grpo' puts the KL term in the loss: set kl.penalty: loss")
         if value is None:
             value = "adapter" if model.finetune == "lora" else "separate"
         if value == "adapter" and model.finetune != "lora":
@@ -103,7 +106,7 @@ class PPOModule(TrainableOnlyModule):
         self.save_plain_hyperparameters()
         self.automatic_optimization = False
         self.config, self.algorithm, self.ppo, self.kl_spec = model, algorithm, ppo, kl
-        self.value_mode: ValueMode | None = None if algorithm == "rloo" else value
+        self.value_mode: ValueMode | None = None if algorithm in ("rloo", "grpo") else value
         self.value_model, self.reference_model = value_model, reference_model
         self.optimizer, self.scheduler = optimizer, scheduler
         self.log_samples_every = log_samples_every
@@ -209,29 +212,36 @@ class PPOModule(TrainableOnlyModule):
         self.initialize_value_head(batch["scores"])
         n = batch["response_ids"].shape[0]
         mask = batch["response_mask"].float()
+        # β fixed at 0: no KL anywhere, so no reference pass.
+        with_reference = self.kl_spec.coef != 0 or self.kl_spec.adaptive
         old, ref = [], []
         with torch.no_grad():
             for idx in self._chunks(n):
                 out = self._forward(batch, idx, with_values=True)
                 old.append(out)
-                ref.append(self.reference_logprobs(batch, idx))
+                if with_reference:
+                    ref.append(self.reference_logprobs(batch, idx))
         old_logprobs = torch.cat([o["logprobs"] for o in old])
-        ref_logprobs = torch.cat(ref)
+        ref_logprobs = torch.cat(ref) if with_reference else None
         old_values = torch.cat([o["values"] for o in old]) if self.value_mode else None
         self._check_finite("rollout log-probs", old_logprobs)
-        self._check_finite("reference log-probs", ref_logprobs)
+        kl_tokens = torch.zeros_like(mask)
+        if ref_logprobs is not None:
+            self._check_finite("reference log-probs", ref_logprobs)
+            kl_tokens = losses.kl_penalty(old_logprobs, ref_logprobs, self.kl_spec.estimator) * mask
 
-        kl_tokens = losses.kl_penalty(old_logprobs, ref_logprobs, self.kl_spec.estimator) * mask
         advantages, returns = self._advantages(batch, mask, kl_tokens, old_values)
         stats = self._update(batch, mask, old_logprobs, ref_logprobs, old_values, advantages, returns)
 
-        kl_per_seq = kl_tokens.sum(-1).mean()
-        # Every rank adapts β from the KL over all ranks' samples, so β stays identical everywhere.
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            kl_per_seq = self.trainer.strategy.reduce(kl_per_seq, reduce_op="mean")
-        kl_per_seq = kl_per_seq.item()
-        self.kl_ctl.update(kl_per_seq, n * world)
+        kl_per_seq = None
+        if ref_logprobs is not None:
+            kl = kl_tokens.sum(-1).mean()
+            # Every rank adapts β from the KL over all ranks' samples, so β stays identical everywhere.
+            world = self.trainer.world_size if self._trainer is not None else 1
+            if world > 1:
+                kl = self.trainer.strategy.reduce(kl, reduce_op="mean")
+            kl_per_seq = kl.item()
+            self.kl_ctl.update(kl_per_seq, n * world)
         self.rollout_step += 1
         self._log_rollout(batch, mask, kl_per_seq, stats, old_values, returns)
 
@@ -253,9 +263,14 @@ class PPOModule(TrainableOnlyModule):
     def _advantages(
         self, batch: Batch, mask: torch.Tensor, kl_tokens: torch.Tensor, values: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token advantages ``(N, R)`` and value targets (None for rloo)."""
+        """Per-token advantages ``(N, R)`` and value targets (None for rloo and grpo)."""
         beta = self.kl_ctl.value if self.kl_spec.penalty == "reward" else 0.0
         scores = batch["scores"].float()
+        if self.algorithm == "grpo":
+            scale = self.ppo.loss_aggregation != "dr_grpo"  # Dr. GRPO drops the std division
+            advantages = losses.group_advantages(scores, batch["samples_per_prompt"], scale)[:, None] * mask
+            self._check_finite("advantages", advantages)
+            return advantages, None
         if self.algorithm == "rloo":
             k = batch["samples_per_prompt"]
             seq_rewards = scores - beta * kl_tokens.sum(-1)
@@ -331,6 +346,10 @@ class PPOModule(TrainableOnlyModule):
         if self.algorithm == "reinforce":
             pg_loss = losses.reinforce_policy_loss(out["logprobs"], advantages[idx], m)
             clipfrac = approx_kl = torch.zeros((), device=m.device)
+        elif self.algorithm == "grpo":
+            pg_loss, clipfrac, approx_kl = self._grpo_policy_loss(
+                out["logprobs"], old_logprobs[idx], advantages[idx], m
+            )
         else:
             pg_loss, clipfrac, approx_kl = losses.ppo_policy_loss(
                 out["logprobs"], old_logprobs[idx], advantages[idx], m, self.ppo.cliprange
@@ -339,9 +358,9 @@ class PPOModule(TrainableOnlyModule):
             pg_loss,
             {"policy_loss": pg_loss.detach(), "clipfrac": clipfrac, "approx_kl": approx_kl},
         )
-        if self.kl_spec.penalty == "loss":
+        if self.kl_spec.penalty == "loss" and ref_logprobs is not None:
             kl = losses.kl_loss(out["logprobs"], old_logprobs[idx], ref_logprobs[idx], self.kl_spec.estimator)
-            loss = loss + self.kl_ctl.value * losses.masked_mean(kl, m)
+            loss = loss + self.kl_ctl.value * self._aggregate(kl, m)
         if out["entropy"] is not None:
             step_stats["entropy"] = losses.masked_mean(out["entropy"], m)
         if self.value_mode is None:
@@ -358,6 +377,21 @@ class PPOModule(TrainableOnlyModule):
         vf_loss, vf_clipfrac = losses.value_loss(values, old_values[idx], returns[idx], m, cliprange_value)
         step_stats |= {"value_loss": vf_loss.detach(), "value_clipfrac": vf_clipfrac}
         yield loss + self.ppo.vf_coef * vf_loss, step_stats
+
+    def _aggregate(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scalar of a per-token loss ``(n, R)``: ``ppo.loss_aggregation`` for grpo, else the
+        token mean."""
+        aggregation = self.ppo.loss_aggregation if self.algorithm == "grpo" else "dapo"
+        return losses.aggregate(per_token, mask, aggregation)
+
+    def _grpo_policy_loss(
+        self, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clipped surrogate ``(n, R)`` reduced by ``ppo.loss_aggregation``; clipfrac, approx KL."""
+        per_token, clipped = losses.clipped_surrogate(logprobs, old_logprobs, advantages, self.ppo.cliprange)
+        approx_kl = losses.masked_mean(0.5 * (logprobs - old_logprobs).pow(2), mask)
+        clipfrac = losses.masked_mean(clipped.float(), mask)
+        return self._aggregate(per_token, mask), clipfrac.detach(), approx_kl.detach()
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """Clip here: the precision plugin calls this after unscaling fp16 gradients (clipping
@@ -397,14 +431,15 @@ class PPOModule(TrainableOnlyModule):
         self.log("val/reward", reward, on_epoch=True, batch_size=n, prog_bar=True, sync_dist=True)
 
     # ----------------------------------------------------------------------------- logging, guard
-    def _log_rollout(self, batch: Batch, mask, kl_per_seq: float, stats: dict, values, returns) -> None:
+    def _log_rollout(
+        self, batch: Batch, mask, kl_per_seq: float | None, stats: dict, values, returns
+    ) -> None:
         n_tokens = mask.sum().item()
         logs = {f"train/{k}": v for k, v in stats.items()}
         logs |= {f"train/{k}": float(v) for k, v in batch.get("stats", {}).items()}
         logs |= {
             "train/reward_mean": batch["scores"].float().mean().item(),
             "train/reward_std": batch["scores"].float().std().item(),
-            "train/kl": kl_per_seq,
             "train/kl_coef": self.kl_ctl.value,
             "train/response_length": mask.sum(-1).mean().item(),
             "train/eos_fraction": batch["ended_with_eos"].float().mean().item(),
@@ -417,6 +452,8 @@ class PPOModule(TrainableOnlyModule):
         generate_s = batch.get("stats", {}).get("rollout/generate_s")
         if generate_s:
             logs["train/generate_tokens_per_s"] = n_tokens / generate_s
+        if kl_per_seq is not None:
+            logs["train/kl"] = kl_per_seq
         if values is not None:
             residual = losses.masked_var(returns - values, mask, unbiased=False)
             logs["train/explained_variance"] = (
