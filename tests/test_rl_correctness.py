@@ -175,3 +175,47 @@ def test_value_adapter_owns_only_its_own_tensors(tiny_model_dir: Path, monkeypat
     policy_lora = {n for n in trainable if ".lora_A.policy." in n or ".lora_B.policy." in n}
     assert len(value_lora) == len(policy_lora) > 0
     assert trainable == value_lora | policy_lora | {"value_head.weight", "value_head.bias"}
+
+
+def test_a_trained_starting_adapter_is_the_reference(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Starting from an SFT LoRA (not merged): the policy begins as that adapter, the reference
+    is a frozen copy of it (KL 0 at the start), not the bare backbone."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from perlhf.losses import logprobs_from_logits
+    from perlhf.models import build_causal_lm
+
+    torch.manual_seed(0)
+    config = ModelConfig(name_or_path=str(tiny_model_dir), lora=LoraSpec(r=8, alpha=16, dropout=0.0))
+    sft = build_causal_lm(config)
+    with torch.no_grad():
+        for name, param in sft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    sft.save_pretrained(tmp_path / "sft")
+    module = PPOModule(config, policy_adapter=str(tmp_path / "sft"))
+    module.configure_model()
+    batch = _colour_batch(module)
+    idx, mask = torch.arange(2), batch["response_mask"].bool()
+    with torch.no_grad():
+        policy = module._forward(batch, idx, with_values=False)["logprobs"]
+        reference = module.reference_logprobs(batch, idx)
+    torch.testing.assert_close(policy[mask], reference[mask], rtol=0, atol=1e-6)
+    ids = module.tokenizer("Name some colours:")["input_ids"]
+    response = batch["response_ids"][0][mask[0]].tolist()
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "sft"
+    ).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        full = torch.tensor([ids + response])
+        expected = logprobs_from_logits(
+            reloaded(full).logits[:, len(ids) - 1 : -1], torch.tensor([response])
+        )[0]
+        bare = logprobs_from_logits(base(full).logits[:, len(ids) - 1 : -1], torch.tensor([response]))[0]
+    torch.testing.assert_close(reference[0][mask[0]], expected, rtol=0, atol=1e-5)
+    assert (reference[0][mask[0]] - bare).abs().max() > 1e-2  # adapters off would be wrong
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert not any(".reference." in n for n in trainable)
+    assert any(".lora_B.policy." in n for n in trainable) and any(".lora_B.value." in n for n in trainable)

@@ -22,7 +22,7 @@ from perlhf.losses import entropy_from_logits, logprobs_from_logits
 from perlhf.models import ModelConfig, build_causal_lm, enable_checkpointing, load_pretrained
 from perlhf.vlm import is_vision_language
 
-POLICY, VALUE = "policy", "value"
+POLICY, VALUE, REFERENCE = "policy", "value", "reference"
 
 
 @contextlib.contextmanager
@@ -77,6 +77,47 @@ def add_value_adapter(policy: PeftModel, cfg: ModelConfig) -> None:
                 part = container[VALUE]
                 for param in part.parameters() if isinstance(part, nn.Module) else [part]:
                     param.requires_grad_(True)
+
+
+@torch.no_grad()
+def start_from_adapter(policy: PeftModel, path: str) -> None:
+    """Start the ``policy`` adapter from a trained one (a peft folder, e.g. an SFT LoRA export) and
+    keep a frozen copy of it as adapter ``reference``: with a non-fresh adapter the reference
+    policy is the starting policy, not the backbone with adapters disabled.
+
+    The adapter must have the policy's shape (``model.lora`` rank and targets)."""
+    policy.load_adapter(path, adapter_name=REFERENCE, is_trainable=False)
+    copied = 0
+    for layer in (m for m in policy.modules() if isinstance(m, BaseTunerLayer)):
+        for attribute in layer.adapter_layer_names:
+            container = getattr(layer, attribute)
+            if REFERENCE not in container:
+                continue
+            if POLICY not in container:
+                raise ValueError(
+                    f"policy_adapter={path!r} adapts a module the policy's LoRA does not; match model.lora"
+                )
+            target, source = container[POLICY], container[REFERENCE]
+            for (name, dst), src in zip(
+                target.state_dict().items(), source.state_dict().values(), strict=True
+            ):
+                if dst.shape != src.shape:
+                    raise ValueError(
+                        f"policy_adapter={path!r} has {name} of shape {tuple(src.shape)}, the policy "
+                        f"adapter {tuple(dst.shape)}; set model.lora to the adapter's rank and targets"
+                    )
+                dst.copy_(src)
+                copied += 1
+        if REFERENCE in getattr(layer, "scaling", {}):
+            layer.scaling[POLICY] = layer.scaling[REFERENCE]
+    if not copied:
+        raise ValueError(f"policy_adapter={path!r} holds no LoRA tensors for the policy's modules")
+    policy.requires_grad_(False)
+    for layer in (m for m in policy.modules() if isinstance(m, BaseTunerLayer)):
+        for attribute in layer.adapter_layer_names:
+            container = getattr(layer, attribute)
+            if POLICY in container:
+                container[POLICY].requires_grad_(True)
 
 
 def recompute_under_forward_adapters(model: nn.Module) -> None:

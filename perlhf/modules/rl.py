@@ -22,6 +22,7 @@ from perlhf.modules.base import TrainableOnlyModule, default_optimizer
 from perlhf.modules.policy import (
     NEUTRAL_SAMPLING,
     POLICY,
+    REFERENCE,
     VALUE,
     active_adapter,
     adapters_disabled,
@@ -31,6 +32,7 @@ from perlhf.modules.policy import (
     hf_model,
     recompute_under_forward_adapters,
     response_hidden,
+    start_from_adapter,
     token_logprobs,
     value_backbone,
 )
@@ -68,6 +70,8 @@ class PPOModule(TrainableOnlyModule):
         value_model: Backbone of a ``separate`` critic; None: the policy's.
         reference_model: A separate frozen reference policy (e.g. the merged SFT model your policy
             starts from). None: the backbone with adapters disabled (LoRA) or a frozen copy (full).
+        policy_adapter: A trained LoRA adapter folder (e.g. an SFT export, not merged) the policy
+            starts from; a frozen copy of it is the reference. LoRA only, same rank and targets.
         optimizer: Optimiser over trainable parameters only.
         scheduler: Optional LR scheduler, stepped every optimiser step.
         log_samples_every: Log a text table of prompts, responses and rewards every N rollouts.
@@ -82,6 +86,7 @@ class PPOModule(TrainableOnlyModule):
         value: ValueMode | None = None,
         value_model: str | None = None,
         reference_model: str | None = None,
+        policy_adapter: str | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         log_samples_every: int = 10,
@@ -107,7 +112,12 @@ class PPOModule(TrainableOnlyModule):
         self.automatic_optimization = False
         self.config, self.algorithm, self.ppo, self.kl_spec = model, algorithm, ppo, kl
         self.value_mode: ValueMode | None = None if algorithm in ("rloo", "grpo") else value
+        if policy_adapter and (model.finetune != "lora" or reference_model):
+            raise ValueError(
+                "policy_adapter needs model.finetune: lora and no reference_model (it is the reference)"
+            )
         self.value_model, self.reference_model = value_model, reference_model
+        self.policy_adapter = policy_adapter
         self.optimizer, self.scheduler = optimizer, scheduler
         self.log_samples_every = log_samples_every
         self.kl_ctl = KLController(kl)
@@ -129,6 +139,8 @@ class PPOModule(TrainableOnlyModule):
         self.policy = build_causal_lm(self.config, adapter_name=POLICY)
         if is_vision_language(hf_model(self.policy).config):  # exported with the policy
             self.processor = load_processor(self.tokenizer_name_or_path, self.config.trust_remote_code)
+        if self.policy_adapter:
+            start_from_adapter(self.policy, self.policy_adapter)
         if self.reference_model or not self.is_lora:
             self.reference = frozen_causal_lm(self.config, self.reference_model or self.config.name_or_path)
         if self.value_mode == "adapter":
@@ -199,6 +211,8 @@ class PPOModule(TrainableOnlyModule):
         input_ids, attention_mask, prompt_len = _sequences(batch, idx)
         if self.reference is not None:
             model, ctx = self.reference, contextlib.nullcontext()
+        elif self.policy_adapter:
+            model, ctx = self.policy, active_adapter(self.policy, REFERENCE)
         else:
             model, ctx = self.policy, adapters_disabled(self.policy)
         with ctx:
@@ -531,8 +545,9 @@ class PPOModule(TrainableOnlyModule):
             self.policy.save_pretrained(path)
         elif merged:
             policy = copy.deepcopy(self.policy)
-            if VALUE in policy.peft_config:
-                policy.delete_adapter(VALUE)
+            for name in (VALUE, REFERENCE):
+                if name in policy.peft_config:
+                    policy.delete_adapter(name)
             policy.set_adapter(POLICY)
             policy.merge_and_unload().save_pretrained(path)
         else:
