@@ -16,7 +16,7 @@ class PPOSpec:
     minibatch_size: int = 16
     """Sequences per forward/backward pass."""
     gradient_accumulation: int = 1
-    """Minibatches accumulated into one optimiser step."""
+    """Minibatches accumulated into one optimiser step (reinforce: always a whole rollout's)."""
     cliprange: float = 0.2
     """Ratio clip ε (ppo, rloo, grpo)."""
     cliprange_value: float | None = 0.2
