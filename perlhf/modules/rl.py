@@ -145,10 +145,10 @@ class PPOModule(TrainableOnlyModule):
             self.reference = frozen_causal_lm(self.config, self.reference_model or self.config.name_or_path)
         if self.value_mode == "adapter":
             add_value_adapter(self.policy, self.config)
-        if self.is_lora and self.config.gradient_checkpointing:
-            recompute_under_forward_adapters(self.policy)
         elif self.value_mode == "separate":
             self.critic = value_backbone(self.config, self.value_model)
+        if self.is_lora and self.config.gradient_checkpointing:
+            recompute_under_forward_adapters(self.policy)
         if self.value_mode is not None:
             hidden = hf_model(self.critic or self.policy).config.get_text_config().hidden_size
             self.value_head = nn.Linear(hidden, 1)
