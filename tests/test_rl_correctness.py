@@ -219,3 +219,10 @@ def test_a_trained_starting_adapter_is_the_reference(tiny_model_dir: Path, tmp_p
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert not any(".reference." in n for n in trainable)
     assert any(".lora_B.policy." in n for n in trainable) and any(".lora_B.value." in n for n in trainable)
+
+
+def test_checkpointing_keeps_every_critic_layout(tiny_model_dir: Path) -> None:
+    config = ModelConfig(name_or_path=str(tiny_model_dir), gradient_checkpointing=True)
+    module = PPOModule(config, value="separate")
+    module.configure_model()
+    assert module.critic is not None and module.value_head is not None
