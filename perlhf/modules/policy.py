@@ -62,21 +62,26 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             layer._disable_adapters = disabled
 
 
-def add_value_adapter(policy: PeftModel, cfg: ModelConfig) -> None:
-    """A second LoRA adapter, ``value``, on the policy's backbone (same targets and rank).
-
-    Its tensors are taken from the adapter layers' own per-adapter containers (``lora_A[VALUE]``…),
-    never by name, so a backbone module that happens to be called ``value`` stays frozen.
-    """
-    config = policy.peft_config[POLICY]
-    policy.add_adapter(VALUE, type(config)(**{**config.to_dict(), "inference_mode": False}))
-    for layer in (m for m in policy.modules() if isinstance(m, BaseTunerLayer)):
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The tensors of adapter ``name``, in module order, taken from the LoRA layers' per-adapter
+    containers (``lora_A[name]``…), never by parameter name: a backbone module that happens to be
+    called ``value`` or ``reference`` is not part of an adapter."""
+    params: list[nn.Parameter] = []
+    for layer in (m for m in model.modules() if isinstance(m, BaseTunerLayer)):
         for attribute in layer.adapter_layer_names:
             container = getattr(layer, attribute)
-            if VALUE in container:
-                part = container[VALUE]
-                for param in part.parameters() if isinstance(part, nn.Module) else [part]:
-                    param.requires_grad_(True)
+            if name in container:
+                part = container[name]
+                params.extend(part.parameters() if isinstance(part, nn.Module) else [part])
+    return params
+
+
+def add_value_adapter(policy: PeftModel, cfg: ModelConfig) -> None:
+    """A second LoRA adapter, ``value``, on the policy's backbone (same targets and rank)."""
+    config = policy.peft_config[POLICY]
+    policy.add_adapter(VALUE, type(config)(**{**config.to_dict(), "inference_mode": False}))
+    for param in adapter_parameters(policy, VALUE):
+        param.requires_grad_(True)
 
 
 @torch.no_grad()
@@ -87,37 +92,18 @@ def start_from_adapter(policy: PeftModel, path: str) -> None:
 
     The adapter must have the policy's shape (``model.lora`` rank and targets)."""
     policy.load_adapter(path, adapter_name=REFERENCE, is_trainable=False)
-    copied = 0
+    source, target = adapter_parameters(policy, REFERENCE), adapter_parameters(policy, POLICY)
+    if not source or [p.shape for p in source] != [p.shape for p in target]:
+        raise ValueError(
+            f"policy_adapter={path!r} does not have the policy adapter's shape ({len(source)} vs "
+            f"{len(target)} tensors); set model.lora to the adapter's rank and target modules"
+        )
+    for dst, src in zip(target, source, strict=True):
+        dst.copy_(src).requires_grad_(True)
+        src.requires_grad_(False)
     for layer in (m for m in policy.modules() if isinstance(m, BaseTunerLayer)):
-        for attribute in layer.adapter_layer_names:
-            container = getattr(layer, attribute)
-            if REFERENCE not in container:
-                continue
-            if POLICY not in container:
-                raise ValueError(
-                    f"policy_adapter={path!r} adapts a module the policy's LoRA does not; match model.lora"
-                )
-            target, source = container[POLICY], container[REFERENCE]
-            for (name, dst), src in zip(
-                target.state_dict().items(), source.state_dict().values(), strict=True
-            ):
-                if dst.shape != src.shape:
-                    raise ValueError(
-                        f"policy_adapter={path!r} has {name} of shape {tuple(src.shape)}, the policy "
-                        f"adapter {tuple(dst.shape)}; set model.lora to the adapter's rank and targets"
-                    )
-                dst.copy_(src)
-                copied += 1
-        if REFERENCE in getattr(layer, "scaling", {}):
+        if REFERENCE in getattr(layer, "scaling", {}):  # the adapter's own alpha / r
             layer.scaling[POLICY] = layer.scaling[REFERENCE]
-    if not copied:
-        raise ValueError(f"policy_adapter={path!r} holds no LoRA tensors for the policy's modules")
-    policy.requires_grad_(False)
-    for layer in (m for m in policy.modules() if isinstance(m, BaseTunerLayer)):
-        for attribute in layer.adapter_layer_names:
-            container = getattr(layer, attribute)
-            if POLICY in container:
-                container[POLICY].requires_grad_(True)
 
 
 def recompute_under_forward_adapters(model: nn.Module) -> None:
