@@ -116,6 +116,17 @@ def gae(
     return advantages, returns
 
 
+def clipped_surrogate(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, cliprange: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    """Per-token PPO loss ``max(-A ρ, -A clip(ρ, 1-ε, 1+ε))`` with ``ρ = π / π_old`` (B, T), and
+    where the clipped term is strictly larger (B, T) bool."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
 def ppo_policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -129,14 +140,51 @@ def ppo_policy_loss(
     loss, the fraction of tokens where the clipped term is active (strictly larger) and
     the masked mean of ``0.5 (log π - log π_old)^2``.
     """
-    log_ratio = logprobs - old_logprobs
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
-    approx_kl = masked_mean(0.5 * log_ratio.pow(2), mask)
+    per_token, was_clipped = clipped_surrogate(logprobs, old_logprobs, advantages, cliprange)
+    loss = masked_mean(per_token, mask)
+    clipfrac = masked_mean(was_clipped.to(logprobs.dtype), mask)
+    approx_kl = masked_mean(0.5 * (logprobs - old_logprobs).pow(2), mask)
     return loss, clipfrac.detach(), approx_kl.detach()
+
+
+Aggregation = Literal["grpo", "dr_grpo", "dapo"]
+
+
+def aggregate(
+    per_token: Tensor, mask: Tensor, aggregation: Aggregation, max_tokens: int | None = None
+) -> Tensor:
+    """Reduce a per-token loss (B, T) to a scalar, as the GRPO variants do.
+
+    ``grpo``: mean over each sequence's tokens, then over sequences (Shao et al., 2024; long
+    responses weigh less per token). ``dr_grpo``: sum over tokens divided by ``B · max_tokens``,
+    a constant (Liu et al., 2025; ``max_tokens`` defaults to ``T``). ``dapo``: mean over every
+    token of the batch (Yu et al., 2025).
+    """
+    mask = mask.to(per_token.dtype)
+    if aggregation == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    if aggregation == "dr_grpo":
+        return (per_token * mask).sum() / (per_token.shape[0] * (max_tokens or per_token.shape[-1]))
+    if aggregation == "dapo":
+        return masked_mean(per_token, mask)
+    raise ValueError(f"aggregation must be 'grpo', 'dr_grpo' or 'dapo', got {aggregation!r}")
+
+
+def group_advantages(rewards: Tensor, k: int, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO advantages: each reward minus the mean of its prompt's ``k`` samples, divided by their
+    (unbiased) standard deviation + ``eps`` when ``scale`` (Dr. GRPO drops the division).
+
+    ``rewards`` is (N,) prompt-major (prompt ``p``'s samples are rows ``p*k .. p*k+k-1``); (N,).
+    """
+    if k < 2:
+        raise ValueError(f"group advantages need k >= 2 samples per prompt, got k={k}")
+    if rewards.numel() % k != 0:
+        raise ValueError(f"number of rewards ({rewards.numel()}) is not divisible by k={k}")
+    grouped = rewards.view(-1, k)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    return centred.view_as(rewards)
 
 
 def reinforce_policy_loss(logprobs: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
@@ -168,18 +216,42 @@ def value_loss(
     return loss, clipfrac.detach()
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: Literal["k1", "k3"] = "k1") -> Tensor:
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k1") -> Tensor:
     """Per-token estimate of ``KL(π ‖ π_ref)`` from tokens sampled from ``π``; shape-preserving.
 
     ``k1 = log π - log π_ref`` (unbiased, may be negative);
+    ``k2 = ½ (log π - log π_ref)²`` (biased, non-negative, low variance);
     ``k3 = π_ref/π - 1 - log(π_ref/π)`` (unbiased and non-negative, Schulman 2020).
     """
     if estimator == "k1":
         return logprobs - ref_logprobs
+    if estimator == "k2":
+        return 0.5 * (logprobs - ref_logprobs).pow(2)
     if estimator == "k3":
         log_ratio = ref_logprobs - logprobs
         return torch.expm1(log_ratio) - log_ratio
-    raise ValueError(f"estimator must be 'k1' or 'k3', got {estimator!r}")
+    raise ValueError(f"estimator must be 'k1', 'k2' or 'k3', got {estimator!r}")
+
+
+def kl_loss(
+    logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, estimator: KLEstimator = "k2"
+) -> Tensor:
+    """Per-token KL term for the loss, whose expected gradient over tokens sampled from
+    ``π_old`` is ``∇ KL(π ‖ π_ref)``; all inputs and the output are (B, T).
+
+    Differentiating an estimator's value is not enough: ``∇ k1 = ∇ log π`` has expectation 0,
+    and ``∇ k3`` is the gradient of ``KL(π_ref ‖ π)``. With ``ρ = π / π_old``:
+    ``k1`` and ``k3`` are weighted by ``ρ`` (gradient flowing through ``ρ``), ``k2`` by ``sg(ρ)``
+    (its own gradient, ``(log π − log π_ref) ∇ log π``, is already the score-function form).
+    On-policy (``ρ = 1``) the values are the estimators' own.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    if estimator == "k2":
+        ratio = ratio.detach()
+    return ratio * kl_penalty(logprobs, ref_logprobs, estimator)
 
 
 def rloo_advantages(rewards: Tensor, k: int) -> Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -377,9 +377,10 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def enable_checkpointing(model: PreTrainedModel) -> None:
-    """Non-reentrant activation checkpointing on every block of a transformers model."""
-    kwargs = {"use_reentrant": False}
+def enable_checkpointing(model: PreTrainedModel, context_fn: Callable | None = None) -> None:
+    """Non-reentrant activation checkpointing on every block of a transformers model;
+    ``context_fn``: ``torch.utils.checkpoint``'s (forward, recompute) context factory."""
+    kwargs: dict = {"use_reentrant": False} | ({"context_fn": context_fn} if context_fn else {})
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

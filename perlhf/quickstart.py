@@ -1,7 +1,7 @@
 """The whole PE-RLHF pipeline, offline, in one command: SFT → reward model → RL → report.
 
     python -m perlhf.quickstart                      # a few minutes on 2 CPU cores
-    python -m perlhf.quickstart --algorithm ppo      # or rloo
+    python -m perlhf.quickstart --algorithm ppo      # or rloo, grpo, gold-reward
     python -m perlhf.quickstart --prepare-only       # just the tiny model and the task's data
 
 It builds a tiny GPT-2-shaped model and the built-in "topic words" task (``perlhf.data.synthetic``,
@@ -30,7 +30,8 @@ from perlhf.tiny import save_tiny
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
 DEFAULT_ROOT = "checkpoints/quickstart"
 """Where the shipped quickstart configs read and write; ``--root`` rebases every such path."""
-ALGORITHMS = ("reinforce", "ppo", "rloo")
+ALGORITHMS = ("reinforce", "ppo", "rloo", "grpo", "gold-reward")
+"""RL configs (``configs/quickstart/<name>.yaml``); ``gold-reward`` is GRPO on the gold scorer itself."""
 TARGETS = {"reward_accuracy": 0.85, "gold_gain": 0.30}
 
 

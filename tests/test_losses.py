@@ -8,9 +8,13 @@ import pytest
 import torch
 
 from perlhf.losses import (
+    aggregate,
     classifier_loss,
+    clipped_surrogate,
     entropy_from_logits,
     gae,
+    group_advantages,
+    kl_loss,
     kl_penalty,
     logprobs_from_logits,
     masked_mean,
@@ -201,8 +205,36 @@ def test_kl_penalty_estimators():
 
 
 def test_kl_penalty_rejects_unknown_estimator():
-    with pytest.raises(ValueError, match="estimator.*k1.*k3"):
-        kl_penalty(t([0.0]), t([0.0]), "k2")
+    with pytest.raises(ValueError, match="estimator.*k1.*k2.*k3"):
+        kl_penalty(t([0.0]), t([0.0]), "k4")
+
+
+def test_kl_loss_values_on_policy_by_hand():
+    # log π = -1, log π_ref = -2, on-policy (ρ = 1): k1 = 1, k2 = 0.5, k3 = e^-1 - 1 + 1
+    logprobs, ref = t([[-1.0]]), t([[-2.0]])
+    close(kl_loss(logprobs, logprobs, ref, "k1"), [[1.0]])
+    close(kl_loss(logprobs, logprobs, ref, "k2"), [[0.5]])
+    close(kl_loss(logprobs, logprobs, ref, "k3"), [[math.exp(-1.0)]])
+    # off-policy by log ρ = 0.5: k1 and k3 scale by ρ = e^0.5, and so does k2's value
+    close(kl_loss(logprobs, logprobs - 0.5, ref, "k1"), [[math.exp(0.5)]])
+    close(kl_loss(logprobs, logprobs - 0.5, ref, "k2"), [[0.5 * math.exp(0.5)]])
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("off_policy", [False, True])
+def test_kl_loss_expected_gradient_is_the_kl_gradient(estimator, off_policy):
+    """Σ_y π_old(y) ∇ kl_loss(y) = ∇ KL(π ‖ π_ref), exactly, over a 4-token vocabulary."""
+    theta = t([0.3, -0.2, 1.0, 0.1]).requires_grad_()
+    ref = torch.log_softmax(t([0.0, 0.5, -0.5, 0.2]), -1)
+    logprobs = torch.log_softmax(theta, -1)
+    old = torch.log_softmax(t([0.1, 0.1, 0.6, -0.3]), -1) if off_policy else logprobs.detach()
+    (exact,) = torch.autograd.grad((logprobs.exp() * (logprobs - ref)).sum(), theta, retain_graph=True)
+    surrogate = (old.exp() * kl_loss(logprobs, old, ref, estimator)).sum()
+    (estimated,) = torch.autograd.grad(surrogate, theta, retain_graph=True)
+    close(estimated, exact, atol=1e-12)
+    # the naive loss ∇ k1 has expected gradient 0, not the KL gradient
+    (naive,) = torch.autograd.grad((logprobs.detach().exp() * (logprobs - ref)).sum(), theta)
+    close(naive, torch.zeros(4), atol=1e-12)
 
 
 def test_rloo_advantages():
@@ -250,3 +282,36 @@ def test_entropy_from_logits():
     out = entropy_from_logits(peaked)
     assert out.dtype == torch.float32
     close(out, [[0.0]], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- GRPO
+
+
+def test_group_advantages_by_hand():
+    rewards = t([1.0, 2.0, 3.0, 0.0, 0.0, 6.0])
+    # group 0: mean 2, unbiased std 1; group 1: mean 2, std sqrt((4 + 4 + 16) / 2) = sqrt(12)
+    s = math.sqrt(12.0)
+    close(group_advantages(rewards, k=3, eps=0.0), [-1.0, 0.0, 1.0, -2 / s, -2 / s, 4 / s])
+    close(group_advantages(rewards, k=3, scale=False), [-1.0, 0.0, 1.0, -2.0, -2.0, 4.0])
+    close(group_advantages(t([5.0, 5.0]), k=2), [0.0, 0.0])  # equal rewards: no signal, no NaN
+    with pytest.raises(ValueError, match="k >= 2"):
+        group_advantages(rewards, k=1)
+
+
+def test_loss_aggregations_by_hand():
+    per_token = t([[1.0, 2.0, 3.0, 7.0], [4.0, 9.0, 9.0, 9.0]])
+    mask = t([[1, 1, 1, 0], [1, 0, 0, 0]])
+    close(aggregate(per_token, mask, "grpo"), (6 / 3 + 4 / 1) / 2)  # per-sequence means
+    close(aggregate(per_token, mask, "dr_grpo"), (6 + 4) / (2 * 4))  # constant normaliser
+    close(aggregate(per_token, mask, "dr_grpo", max_tokens=10), (6 + 4) / (2 * 10))
+    close(aggregate(per_token, mask, "dapo"), (6 + 4) / 4)  # token mean over the batch
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate(per_token, mask, "mean")
+
+
+def test_clipped_surrogate_matches_ppo_loss():
+    logprobs, old = t([[-1.0, -0.5]]), t([[-1.2, -1.5]])
+    per_token, clipped = clipped_surrogate(logprobs, old, t([[1.0, 1.0]]), cliprange=0.2)
+    # ratios e^0.2 = 1.221 (clipped to 1.2) and e^1 (clipped): -min(ρ, 1.2)
+    close(per_token, [[-1.2, -1.2]])
+    assert clipped.tolist() == [[True, True]]

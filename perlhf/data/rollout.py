@@ -31,7 +31,7 @@ from typing import Any, Literal
 import lightning.pytorch as L
 import torch
 from datasets import Dataset
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -63,13 +63,13 @@ from perlhf.data.rollout_utils import (
     join_for_reward,
     left_pad,
     load_reward_model,
-    reward_scores,
     shape_rewards,
     shard,
     vision_reward_scores,
 )
 from perlhf.data.sampler import EpochSeededSampler
 from perlhf.models import DTYPES, load_tokenizer
+from perlhf.rewards import FunctionReward, Reward, RewardFunction, RewardModelScorer, weighted_sum
 from perlhf.vlm import VisionRewardModel
 
 Batch = dict[str, Any]
@@ -91,13 +91,15 @@ class RolloutDataset(IterableDataset):
 
 
 class RolloutDataModule(L.LightningDataModule):
-    """Rollout batches sampled from the LightningModule under training and scored by a frozen reward model.
+    """Rollout batches sampled from the LightningModule under training and scored by its rewards: a
+    frozen reward model, Python reward functions (``perlhf.rewards``), or a weighted sum of them.
 
     Each batch holds ``N = prompts_per_rollout * samples_per_prompt`` rows, prompt-major (the
     samples of prompt ``p`` are rows ``p*k … p*k+k-1``): ``prompt_ids``/``prompt_mask`` ``(N, P)``
     left-padded; ``response_ids``/``response_mask`` ``(N, R)`` right-padded, the mask 1 up to and
     including the first EOS; ``scores`` and ``raw_scores`` ``(N,)`` float32; ``ended_with_eos``
-    ``(N,)`` bool; ``prompts``/``responses`` texts; ``stats`` floats for logging. Image prompts
+    ``(N,)`` bool; ``prompts``/``responses`` texts; ``stats`` floats for logging (each reward
+    component's mean under ``reward/<name>``). Image prompts
     add ``prompt_vision`` (per row, the image inputs of ``generate``; join rows with
     ``perlhf.data.images.combine_vision``) and ``images`` (per row, the PIL images).
 
@@ -108,7 +110,12 @@ class RolloutDataModule(L.LightningDataModule):
         path: Hub id, local ``.json``/``.jsonl``/``.parquet``/``.csv`` file, local folder, or
             builder name (``json``, ``parquet``, ``csv``) used with ``data_files``.
         reward_model: Reward model folder or hub id: a perlhf/peft ``SEQ_CLS`` adapter (merged onto
-            its base on load) or any Hugging Face ``*ForSequenceClassification`` model.
+            its base on load) or any Hugging Face ``*ForSequenceClassification`` model. None: the
+            reward is ``reward_functions`` alone.
+        reward_functions: Python reward functions by import path, each with a weight
+            (``RewardFunction``); they get the prompt string, the response and the prompt row's
+            other columns. The score is ``reward_weight · reward model + Σ weight · function``.
+        reward_weight: Weight of the reward model in the sum.
         data_files: Files for ``load_dataset``; a dict maps split names to files.
         name: Dataset configuration name.
         data_dir: Sub-folder of the dataset to load.
@@ -147,8 +154,10 @@ class RolloutDataModule(L.LightningDataModule):
         rollouts_per_epoch: Rollout batches per training epoch.
         max_new_tokens: Maximum response tokens.
         temperature: Sampling temperature.
-        top_p: Nucleus sampling threshold (1: off).
-        top_k: Top-k sampling (0: off).
+        top_p: Nucleus sampling threshold (1: off). Log-probs stay those of the untruncated
+            policy, so values below 1 make sampling slightly off-policy (a warning says so).
+        top_k: Top-k sampling (0: off); truncates like ``top_p``. Nothing else of the
+            checkpoint's ``generation_config`` (repetition penalty…) reaches the sampler.
         stop_at_eos: Stop generating at EOS. Responses are cut at their first EOS either way.
         missing_eos_penalty: Added to the score of responses that never emitted EOS.
         reward_clip: Clamp scores to ``±reward_clip`` (after normalisation).
@@ -163,7 +172,9 @@ class RolloutDataModule(L.LightningDataModule):
     def __init__(
         self,
         path: str,
-        reward_model: str,
+        reward_model: str | None = None,
+        reward_functions: list[RewardFunction] | None = None,
+        reward_weight: float = 1.0,
         data_files: str | list[str] | dict[str, str | list[str]] | None = None,
         name: str | None = None,
         data_dir: str | None = None,
@@ -220,6 +231,12 @@ class RolloutDataModule(L.LightningDataModule):
             raise ValueError(
                 f"need temperature > 0, 0 < top_p <= 1 and top_k >= 0; got {temperature}, {top_p}, {top_k}"
             )
+        if top_p < 1.0 or top_k > 0:
+            rank_zero_warn(
+                f"top_p={top_p}, top_k={top_k} truncate the sampling distribution, while the policy "
+                "being optimised (training and KL log-probs) is the full softmax(logits / temperature): "
+                "the samples are then slightly off-policy; keep top_p=1, top_k=0 for exact on-policy RL"
+            )
         if reward_clip is not None and reward_clip <= 0:
             raise ValueError(f"reward_clip must be positive, got {reward_clip}")
         if format not in ("prompt", *PAIRWISE):
@@ -231,6 +248,8 @@ class RolloutDataModule(L.LightningDataModule):
                 f"prompt_column is for format='prompt'; with format={format!r} map columns with "
                 "columns={'<canonical>': '<column>'}"
             )
+        if reward_model is None and not reward_functions:
+            raise ValueError("RolloutDataModule needs a reward: set reward_model, reward_functions or both")
         unknown = sorted(set(columns or {}) - CANONICAL)
         if unknown:
             raise ValueError(
@@ -248,6 +267,11 @@ class RolloutDataModule(L.LightningDataModule):
         self.reward_model_name, self.reward_base = reward_model, reward_base
         self.reward_dtype, self.reward_trust_remote_code = reward_dtype, reward_trust_remote_code
         self.reward_batch_size = reward_batch_size
+        self.reward_functions = [
+            f if isinstance(f, RewardFunction) else RewardFunction(**f) for f in reward_functions or []
+        ]
+        self.reward_weight = reward_weight
+        self.rewards: dict[str, tuple[float, Reward]] = {}  # name -> (weight, reward); setup() fills it
         self.prompts_per_rollout, self.samples_per_prompt = prompts_per_rollout, samples_per_prompt
         self.rollouts_per_epoch = rollouts_per_epoch
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
@@ -277,10 +301,21 @@ class RolloutDataModule(L.LightningDataModule):
                 f"apply_chat_template=True needs a policy tokenizer with a chat template, and "
                 f"{self.tokenizer.name_or_path!r} has none; set it to False or use a chat model"
             )
-        if self.reward_model is None:
+        if self.reward_model is None and self.reward_model_name is not None:
             self.reward_model, self.reward_tokenizer = load_reward_model(
                 self.reward_model_name, self.reward_base, self.reward_dtype, self.reward_trust_remote_code
             )
+        if not self.rewards:
+            if self.reward_model is not None:
+                scorer = RewardModelScorer(self.reward_model, self.reward_tokenizer, self.reward_batch_size)
+                self.rewards[scorer.name] = (self.reward_weight, scorer)
+            for spec in self.reward_functions:
+                reward = FunctionReward(spec.function, spec.name, **spec.kwargs)
+                if reward.name in self.rewards:
+                    raise ValueError(
+                        f"two rewards are named {reward.name!r}; give reward_functions a name each"
+                    )
+                self.rewards[reward.name] = (spec.weight, reward)
         if not self.prompts:
             for key, (split, dataset, row_ids) in self._splits().items():
                 self.prompts[key] = self._encode_split(key, split, dataset, row_ids)
@@ -300,6 +335,13 @@ class RolloutDataModule(L.LightningDataModule):
         prompts = []
         for value, where, images in self._prompt_values(source, dataset, row_ids):
             prompts.append(self._encode(value, where, images))
+        used = (
+            {self.prompt_column, self.image_column, "images", "image"} if self.format == "prompt" else set()
+        )
+        extra = [c for c in dataset.column_names if c not in used]
+        if self.reward_functions and extra:  # what reward functions get as keyword arguments
+            for prompt, row in zip(prompts, dataset.select_columns(extra), strict=True):
+                prompt.row = row
         self.num_truncated[key] = sum(p.truncated for p in prompts)
         rank_zero_info(
             f"{source} ({key}): {len(prompts)} prompts, {self.num_truncated[key]} "
@@ -475,19 +517,8 @@ class RolloutDataModule(L.LightningDataModule):
         response_ids, response_mask, ended = cut_at_eos(generated, tok.eos_token_id, tok.pad_token_id)
         responses = tok.batch_decode(response_ids, skip_special_tokens=True)
         texts = [p.text for p in prompts]
-        reward_prompts, reward_responses = [], []
-        for prompt, response in zip(prompts, responses, strict=True):
-            if prompt.reward_text is None:
-                reward_prompts.append(prompt.text)
-                reward_responses.append(response)
-            else:
-                reward_prompts.append(prompt.reward_text)
-                reward_responses.append(join_for_reward(prompt.reward_text, response))
         start = time.perf_counter()
-        if vision is not None:
-            raw = self._score_images(prompts, responses)
-        else:
-            raw = self._score(reward_prompts, reward_responses, [p.messages for p in prompts])
+        raw, reward_stats = self._rewards(prompts, responses, images=vision is not None)
         score_s = time.perf_counter() - start
         scores, stats = shape_rewards(
             raw,
@@ -498,6 +529,7 @@ class RolloutDataModule(L.LightningDataModule):
             update=train,
             gather=self._all_ranks,
         )
+        stats.update(reward_stats)
         stats.update(
             {
                 "rollout/generate_s": generate_s,
@@ -553,29 +585,48 @@ class RolloutDataModule(L.LightningDataModule):
             self.reward_batch_size,
         )
 
+    def _rewards(
+        self, prompts: list[Prompt], responses: list[str], images: bool
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted sum ``(N,)`` of every reward's scores, and each one's mean for logging.
+
+        The reward model scores what it was trained on (``reward_text`` joined to the response,
+        chat messages, or, for image prompts, question + images through its processor); reward
+        functions get the prompt string, the response and the prompt row's other columns."""
+        parts = {}
+        for name, (_, reward) in self.rewards.items():
+            if not isinstance(reward, RewardModelScorer):
+                strings = [p.text if p.reward_text is None else p.reward_text for p in prompts]
+                parts[name] = reward(strings, responses, [p.row for p in prompts])
+            elif images:
+                parts[name] = self._score_images(prompts, responses)
+            else:
+                pairs = [
+                    (p.text, r)
+                    if p.reward_text is None
+                    else (p.reward_text, join_for_reward(p.reward_text, r))
+                    for p, r in zip(prompts, responses, strict=True)
+                ]
+                rows = [{"messages": p.messages} for p in prompts]
+                parts[name] = self._score([a for a, _ in pairs], [b for _, b in pairs], rows)
+        return weighted_sum(parts, {name: weight for name, (weight, _) in self.rewards.items()})
+
     def score(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         """Raw reward-model scores ``(N,)`` float32 (CPU) of ``prompts[i] + responses[i]``."""
         if self.reward_model is None:
-            raise RuntimeError("RolloutDataModule has no reward model yet; call setup() first")
+            raise RuntimeError(
+                "RolloutDataModule has no reward model (yet); set reward_model and call setup()"
+            )
         if len(prompts) != len(responses):
             raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
-        return self._score(prompts, responses, [None] * len(prompts))
+        return self._score(prompts, responses, [{}] * len(prompts))
 
-    def _score(self, prompts: list[str], responses: list[str], messages: list[Any]) -> torch.Tensor:
-        """Re-tokenise with the reward tokenizer (its chat template for chat prompts, if it has
-        one), keep the last tokens that fit the model, score in chunks of ``reward_batch_size``."""
-        tok, model = self.reward_tokenizer, self.reward_model
-        texts = []
-        for prompt, response, chat in zip(prompts, responses, messages, strict=True):
-            if chat is not None and tok.chat_template:
-                conversation = [*chat, {"role": "assistant", "content": response}]
-                texts.append(tok.apply_chat_template(conversation, tokenize=False))
-            else:
-                texts.append(prompt + response)
+    def _score(self, prompts: list[str], responses: list[str], rows: list[dict[str, Any]]) -> torch.Tensor:
+        """The reward model's scores (``RewardModelScorer``), on this module's device."""
         device = self._device()
-        if model.device != device:
-            model.to(device)
-        return reward_scores(model, tok, texts, self.reward_batch_size)
+        if self.reward_model.device != device:
+            self.reward_model.to(device)
+        return self.rewards[RewardModelScorer.name][1](prompts, responses, rows)
 
     # ------------------------------------------------------------ plumbing
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -57,6 +57,8 @@ class Prompt:
     images: list[Any] | None = None
     """The prompt's images (a VLM policy); ``reward_text`` then holds the question, which each
     model renders with its own processor and chat template."""
+    row: dict[str, Any] = field(default_factory=dict)
+    """The other columns of the prompt's dataset row, for reward functions."""
 
 
 def join_for_reward(prompt: str, response: str) -> str:

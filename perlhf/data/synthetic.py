@@ -196,3 +196,8 @@ def write_preference_data(out_dir: str | Path, n_train: int = 4000, n_val: int =
     write_jsonl(preference_pairs(n_train, seed=seed), out_dir / "train.jsonl")
     write_jsonl(preference_pairs(n_val, seed=seed + 1, noisy=False), out_dir / "val.jsonl")
     return out_dir
+
+
+def gold_reward(prompts: list[str], responses: list[str], **columns: list) -> list[float]:
+    """``gold_score`` as a reward function (``perlhf.rewards``): RL directly on the gold judge."""
+    return [gold_score(p, r) for p, r in zip(prompts, responses, strict=True)]

@@ -16,12 +16,13 @@ import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers import GenerationConfig
 
 from perlhf.losses import entropy_from_logits, logprobs_from_logits
-from perlhf.models import ModelConfig, build_causal_lm, load_pretrained
+from perlhf.models import ModelConfig, build_causal_lm, enable_checkpointing, load_pretrained
 from perlhf.vlm import is_vision_language
 
-POLICY, VALUE = "policy", "value"
+POLICY, VALUE, REFERENCE = "policy", "value", "reference"
 
 
 @contextlib.contextmanager
@@ -61,13 +62,100 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             layer._disable_adapters = disabled
 
 
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The tensors of adapter ``name``, in module order, taken from the LoRA layers' per-adapter
+    containers (``lora_A[name]``…), never by parameter name: a backbone module that happens to be
+    called ``value`` or ``reference`` is not part of an adapter."""
+    params: list[nn.Parameter] = []
+    for layer in (m for m in model.modules() if isinstance(m, BaseTunerLayer)):
+        for attribute in layer.adapter_layer_names:
+            container = getattr(layer, attribute)
+            if name in container:
+                part = container[name]
+                params.extend(part.parameters() if isinstance(part, nn.Module) else [part])
+    return params
+
+
 def add_value_adapter(policy: PeftModel, cfg: ModelConfig) -> None:
     """A second LoRA adapter, ``value``, on the policy's backbone (same targets and rank)."""
     config = policy.peft_config[POLICY]
     policy.add_adapter(VALUE, type(config)(**{**config.to_dict(), "inference_mode": False}))
-    for name, param in policy.named_parameters():
-        if f".{VALUE}." in name:
-            param.requires_grad_(True)
+    for param in adapter_parameters(policy, VALUE):
+        param.requires_grad_(True)
+
+
+@torch.no_grad()
+def start_from_adapter(policy: PeftModel, path: str) -> None:
+    """Start the ``policy`` adapter from a trained one (a peft folder, e.g. an SFT LoRA export) and
+    keep a frozen copy of it as adapter ``reference``: with a non-fresh adapter the reference
+    policy is the starting policy, not the backbone with adapters disabled.
+
+    The adapter must have the policy's shape (``model.lora`` rank and targets)."""
+    policy.load_adapter(path, adapter_name=REFERENCE, is_trainable=False)
+    source, target = adapter_parameters(policy, REFERENCE), adapter_parameters(policy, POLICY)
+    if not source or [p.shape for p in source] != [p.shape for p in target]:
+        raise ValueError(
+            f"policy_adapter={path!r} does not have the policy adapter's shape ({len(source)} vs "
+            f"{len(target)} tensors); set model.lora to the adapter's rank and target modules"
+        )
+    for dst, src in zip(target, source, strict=True):
+        dst.copy_(src).requires_grad_(True)
+        src.requires_grad_(False)
+    for layer in (m for m in policy.modules() if isinstance(m, BaseTunerLayer)):
+        if REFERENCE in getattr(layer, "scaling", {}):  # the adapter's own alpha / r
+            layer.scaling[POLICY] = layer.scaling[REFERENCE]
+
+
+def recompute_under_forward_adapters(model: nn.Module) -> None:
+    """Make activation checkpointing recompute each block under the adapter state of its forward.
+
+    ``active_adapter``/``adapters_disabled`` only hold inside their block, but a checkpointed block
+    is recomputed in the backward pass, after the block has exited: the critic's blocks would be
+    recomputed through the policy adapter and give the value adapter wrong gradients. The
+    recompute context restores the active adapters and the disabled flag the forward saw.
+    """
+    layers: list[BaseTunerLayer] = []
+
+    def context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        if not layers:
+            layers.extend(m for m in model.modules() if isinstance(m, BaseTunerLayer))
+        state = [(list(layer.active_adapters), layer.disable_adapters) for layer in layers]
+        return contextlib.nullcontext(), _adapter_state(layers, state)
+
+    enable_checkpointing(hf_model(model), context_fn)
+
+
+@contextlib.contextmanager
+def _adapter_state(layers: list[BaseTunerLayer], state: list[tuple[list[str], bool]]) -> Iterator[None]:
+    previous = [(layer._active_adapter, layer._disable_adapters) for layer in layers]
+    for layer, (names, disabled) in zip(layers, state, strict=True):
+        layer._active_adapter, layer._disable_adapters = names, disabled
+    try:
+        yield
+    finally:
+        for layer, (names, disabled) in zip(layers, previous, strict=True):
+            layer._active_adapter, layer._disable_adapters = names, disabled
+
+
+@contextlib.contextmanager
+def clean_generation_config(model: nn.Module) -> Iterator[None]:
+    """Sample with transformers' neutral defaults for the block, not the checkpoint's own
+    ``generation_config`` (repetition penalty, top-p/top-k, n-gram bans…), which ``generate``
+    merges under any keyword arguments: the sampler must be the policy that is optimised,
+    ``softmax(logits / T)``. Special-token ids are kept."""
+    hf = hf_model(model)
+    saved = hf.generation_config
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    hf.generation_config = GenerationConfig(**{name: getattr(saved, name, None) for name in ids})
+    try:
+        yield
+    finally:
+        hf.generation_config = saved
+
+
+NEUTRAL_SAMPLING: dict[str, float | int] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+"""Sampling settings ``generate`` would otherwise take from transformers' global defaults
+(``top_k=50``)."""
 
 
 def frozen_causal_lm(cfg: ModelConfig, name_or_path: str) -> nn.Module:

@@ -1,4 +1,4 @@
-"""On-policy RL with LoRA: PPO, the paper's REINFORCE with a value baseline, and RLOO."""
+"""On-policy RL with LoRA: PPO, the paper's REINFORCE with a value baseline, RLOO and GRPO."""
 
 from __future__ import annotations
 
@@ -20,14 +20,19 @@ from perlhf.data.images import combine_vision, load_processor
 from perlhf.models import ModelConfig, build_causal_lm, checkpointing_in_eval, load_tokenizer
 from perlhf.modules.base import TrainableOnlyModule, default_optimizer
 from perlhf.modules.policy import (
+    NEUTRAL_SAMPLING,
     POLICY,
+    REFERENCE,
     VALUE,
     active_adapter,
     adapters_disabled,
     add_value_adapter,
+    clean_generation_config,
     frozen_causal_lm,
     hf_model,
+    recompute_under_forward_adapters,
     response_hidden,
+    start_from_adapter,
     token_logprobs,
     value_backbone,
 )
@@ -52,11 +57,12 @@ class PPOModule(TrainableOnlyModule):
 
     Algorithms: ``ppo`` (clipped surrogate, GAE, clipped value loss), ``reinforce`` (REINFORCE
     with a learned value baseline, sequence reward at the last token, γ = 1 — the paper's choice),
-    ``rloo`` (leave-one-out baseline over ``samples_per_prompt`` samples, no critic).
+    ``rloo`` (leave-one-out baseline over ``samples_per_prompt`` samples, no critic), ``grpo``
+    (group-normalised advantages, clipped ratio, KL in the loss, ``ppo.loss_aggregation``).
 
     Args:
         model: Policy backbone and fine-tuning mode. Under LoRA the policy is adapter ``policy``.
-        algorithm: ``ppo``, ``reinforce`` or ``rloo``.
+        algorithm: ``ppo``, ``reinforce``, ``rloo`` or ``grpo``.
         ppo: Update settings (epochs, minibatches, clipping, GAE).
         kl: KL-to-reference coefficient, controller, estimator and where the penalty enters.
         value: Critic: ``adapter`` (a ``value`` LoRA adapter on the policy backbone, LoRA only),
@@ -64,6 +70,8 @@ class PPOModule(TrainableOnlyModule):
         value_model: Backbone of a ``separate`` critic; None: the policy's.
         reference_model: A separate frozen reference policy (e.g. the merged SFT model your policy
             starts from). None: the backbone with adapters disabled (LoRA) or a frozen copy (full).
+        policy_adapter: A trained LoRA adapter folder (e.g. an SFT export, not merged) the policy
+            starts from; a frozen copy of it is the reference. LoRA only, same rank and targets.
         optimizer: Optimiser over trainable parameters only.
         scheduler: Optional LR scheduler, stepped every optimiser step.
         log_samples_every: Log a text table of prompts, responses and rewards every N rollouts.
@@ -78,6 +86,7 @@ class PPOModule(TrainableOnlyModule):
         value: ValueMode | None = None,
         value_model: str | None = None,
         reference_model: str | None = None,
+        policy_adapter: str | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         log_samples_every: int = 10,
@@ -86,22 +95,35 @@ class PPOModule(TrainableOnlyModule):
         model = ModelConfig.coerce(model)
         ppo = ppo if isinstance(ppo, PPOSpec) else PPOSpec(**(ppo or {}))
         kl = kl if isinstance(kl, KLSpec) else KLSpec(**(kl or {}))
-        if algorithm not in ("ppo", "reinforce", "rloo"):
-            raise ValueError(f"algorithm must be 'ppo', 'reinforce' or 'rloo', got {algorithm!r}")
+        if algorithm not in ("ppo", "reinforce", "rloo", "grpo"):
+            raise ValueError(f"algorithm must be 'ppo', 'reinforce', 'rloo' or 'grpo', got {algorithm!r}")
+        if algorithm == "grpo" and kl.penalty != "loss":
+            raise ValueError("algorithm 'grpo' puts the KL term in the loss: set kl.penalty: loss")
         if value is None:
             value = "adapter" if model.finetune == "lora" else "separate"
         if value == "adapter" and model.finetune != "lora":
             raise ValueError("value='adapter' needs model.finetune='lora'; use value: separate or shared")
+        if algorithm == "reinforce" and ppo.epochs != 1:
+            raise ValueError(
+                f"algorithm 'reinforce' has no importance ratio, so it must stay on-policy: ppo.epochs "
+                f"must be 1, got {ppo.epochs} (use 'ppo' or 'rloo' for several epochs per rollout)"
+            )
         self.save_plain_hyperparameters()
         self.automatic_optimization = False
         self.config, self.algorithm, self.ppo, self.kl_spec = model, algorithm, ppo, kl
-        self.value_mode: ValueMode | None = None if algorithm == "rloo" else value
+        self.value_mode: ValueMode | None = None if algorithm in ("rloo", "grpo") else value
+        if policy_adapter and (model.finetune != "lora" or reference_model):
+            raise ValueError(
+                "policy_adapter needs model.finetune: lora and no reference_model (it is the reference)"
+            )
         self.value_model, self.reference_model = value_model, reference_model
+        self.policy_adapter = policy_adapter
         self.optimizer, self.scheduler = optimizer, scheduler
         self.log_samples_every = log_samples_every
         self.kl_ctl = KLController(kl)
         self.rollout_step = 0
         self.sampling_temperature = 1.0
+        self.value_initialized = False
         self.policy: nn.Module | None = None
         self.reference: nn.Module | None = None
         self.critic: nn.Module | None = None
@@ -117,12 +139,16 @@ class PPOModule(TrainableOnlyModule):
         self.policy = build_causal_lm(self.config, adapter_name=POLICY)
         if is_vision_language(hf_model(self.policy).config):  # exported with the policy
             self.processor = load_processor(self.tokenizer_name_or_path, self.config.trust_remote_code)
+        if self.policy_adapter:
+            start_from_adapter(self.policy, self.policy_adapter)
         if self.reference_model or not self.is_lora:
             self.reference = frozen_causal_lm(self.config, self.reference_model or self.config.name_or_path)
         if self.value_mode == "adapter":
             add_value_adapter(self.policy, self.config)
         elif self.value_mode == "separate":
             self.critic = value_backbone(self.config, self.value_model)
+        if self.is_lora and self.config.gradient_checkpointing:
+            recompute_under_forward_adapters(self.policy)
         if self.value_mode is not None:
             hidden = hf_model(self.critic or self.policy).config.get_text_config().hidden_size
             self.value_head = nn.Linear(hidden, 1)
@@ -136,11 +162,13 @@ class PPOModule(TrainableOnlyModule):
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Sample responses ``(N, R)`` for left-padded prompts ``(N, P)`` with the policy."""
-        self.sampling_temperature = float(kwargs.get("temperature") or 1.0)
+        """Sample responses ``(N, R)`` for left-padded prompts ``(N, P)`` with the policy, from
+        ``kwargs`` alone (never the checkpoint's ``generation_config``)."""
+        kwargs = NEUTRAL_SAMPLING | kwargs
+        self.sampling_temperature = float(kwargs["temperature"])
         was_training = self.policy.training
         self.policy.eval()
-        with gathered_params(self._trainer), self._policy_ctx():
+        with gathered_params(self._trainer), self._policy_ctx(), clean_generation_config(self.policy):
             out = self.policy.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, use_cache=True, **kwargs
             )
@@ -183,6 +211,8 @@ class PPOModule(TrainableOnlyModule):
         input_ids, attention_mask, prompt_len = _sequences(batch, idx)
         if self.reference is not None:
             model, ctx = self.reference, contextlib.nullcontext()
+        elif self.policy_adapter:
+            model, ctx = self.policy, active_adapter(self.policy, REFERENCE)
         else:
             model, ctx = self.policy, adapters_disabled(self.policy)
         with ctx:
@@ -193,40 +223,68 @@ class PPOModule(TrainableOnlyModule):
     def training_step(self, batch: Batch, batch_idx: int) -> None:
         self.eval()
         self._check_finite("reward-model scores", batch["scores"])
+        self.initialize_value_head(batch["scores"])
         n = batch["response_ids"].shape[0]
         mask = batch["response_mask"].float()
+        # β fixed at 0: no KL anywhere, so no reference pass.
+        with_reference = self.kl_spec.coef != 0 or self.kl_spec.adaptive
         old, ref = [], []
         with torch.no_grad():
             for idx in self._chunks(n):
                 out = self._forward(batch, idx, with_values=True)
                 old.append(out)
-                ref.append(self.reference_logprobs(batch, idx))
+                if with_reference:
+                    ref.append(self.reference_logprobs(batch, idx))
         old_logprobs = torch.cat([o["logprobs"] for o in old])
-        ref_logprobs = torch.cat(ref)
+        ref_logprobs = torch.cat(ref) if with_reference else None
         old_values = torch.cat([o["values"] for o in old]) if self.value_mode else None
         self._check_finite("rollout log-probs", old_logprobs)
-        self._check_finite("reference log-probs", ref_logprobs)
+        kl_tokens = torch.zeros_like(mask)
+        if ref_logprobs is not None:
+            self._check_finite("reference log-probs", ref_logprobs)
+            kl_tokens = losses.kl_penalty(old_logprobs, ref_logprobs, self.kl_spec.estimator) * mask
 
-        kl_tokens = losses.kl_penalty(old_logprobs, ref_logprobs, self.kl_spec.estimator) * mask
         advantages, returns = self._advantages(batch, mask, kl_tokens, old_values)
         stats = self._update(batch, mask, old_logprobs, ref_logprobs, old_values, advantages, returns)
 
-        kl_per_seq = kl_tokens.sum(-1).mean()
-        # Every rank adapts β from the KL over all ranks' samples, so β stays identical everywhere.
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            kl_per_seq = self.trainer.strategy.reduce(kl_per_seq, reduce_op="mean")
-        kl_per_seq = kl_per_seq.item()
-        self.kl_ctl.update(kl_per_seq, n * world)
+        kl_per_seq = None
+        if ref_logprobs is not None:
+            kl = kl_tokens.sum(-1).mean()
+            # Every rank adapts β from the KL over all ranks' samples, so β stays identical everywhere.
+            world = self.trainer.world_size if self._trainer is not None else 1
+            if world > 1:
+                kl = self.trainer.strategy.reduce(kl, reduce_op="mean")
+            kl_per_seq = kl.item()
+            self.kl_ctl.update(kl_per_seq, n * world)
         self.rollout_step += 1
         self._log_rollout(batch, mask, kl_per_seq, stats, old_values, returns)
+
+    @torch.no_grad()
+    def initialize_value_head(self, scores: torch.Tensor) -> None:
+        """Start the critic at the reward scale: on the first rollout, set the value head's bias to
+        the mean score ``(N,)`` (with γ = 1 every token's return starts near it). From 0, value
+        clipping (±``cliprange_value`` per rollout) would make the critic crawl to scores of a few
+        units. Later calls (and a resumed run) leave the head alone."""
+        if self.value_head is None or self.value_initialized:
+            return
+        mean = scores.float().mean()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            mean = self.trainer.strategy.reduce(mean.to(self.device), reduce_op="mean")
+        self.value_head.bias.fill_(mean.item())
+        self.value_initialized = True
 
     def _advantages(
         self, batch: Batch, mask: torch.Tensor, kl_tokens: torch.Tensor, values: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token advantages ``(N, R)`` and value targets (None for rloo)."""
+        """Per-token advantages ``(N, R)`` and value targets (None for rloo and grpo)."""
         beta = self.kl_ctl.value if self.kl_spec.penalty == "reward" else 0.0
         scores = batch["scores"].float()
+        if self.algorithm == "grpo":
+            scale = self.ppo.loss_aggregation != "dr_grpo"  # Dr. GRPO drops the std division
+            advantages = losses.group_advantages(scores, batch["samples_per_prompt"], scale)[:, None] * mask
+            self._check_finite("advantages", advantages)
+            return advantages, None
         if self.algorithm == "rloo":
             k = batch["samples_per_prompt"]
             seq_rewards = scores - beta * kl_tokens.sum(-1)
@@ -252,6 +310,10 @@ class PPOModule(TrainableOnlyModule):
         sums: dict[str, float] = {}
         count = 0
         accumulated = 0
+        # REINFORCE has no importance ratio: all of a rollout's minibatches make one step.
+        accumulation = (
+            len(self._chunks(n)) if self.algorithm == "reinforce" else self.ppo.gradient_accumulation
+        )
         # The module trains in eval mode (no dropout); keep gradient checkpointing active anyway.
         with checkpointing_in_eval(self):
             for epoch in range(self.ppo.epochs):
@@ -261,11 +323,11 @@ class PPOModule(TrainableOnlyModule):
                         batch, idx, epoch, mask, old_logprobs, ref_logprobs, old_values, advantages, returns
                     ):
                         self._check_finite("loss", loss)
-                        self.manual_backward(loss / self.ppo.gradient_accumulation)
+                        self.manual_backward(loss / accumulation)
                         for key, value in step_stats.items():
                             sums[key] = sums.get(key, 0.0) + float(value)
                     accumulated += 1
-                    if accumulated == self.ppo.gradient_accumulation:
+                    if accumulated == accumulation:
                         self._optimizer_step(optimizer, scheduler)
                         accumulated = 0
                     count += 1
@@ -298,6 +360,10 @@ class PPOModule(TrainableOnlyModule):
         if self.algorithm == "reinforce":
             pg_loss = losses.reinforce_policy_loss(out["logprobs"], advantages[idx], m)
             clipfrac = approx_kl = torch.zeros((), device=m.device)
+        elif self.algorithm == "grpo":
+            pg_loss, clipfrac, approx_kl = self._grpo_policy_loss(
+                out["logprobs"], old_logprobs[idx], advantages[idx], m
+            )
         else:
             pg_loss, clipfrac, approx_kl = losses.ppo_policy_loss(
                 out["logprobs"], old_logprobs[idx], advantages[idx], m, self.ppo.cliprange
@@ -306,11 +372,9 @@ class PPOModule(TrainableOnlyModule):
             pg_loss,
             {"policy_loss": pg_loss.detach(), "clipfrac": clipfrac, "approx_kl": approx_kl},
         )
-        if self.kl_spec.penalty == "loss":
-            kl = losses.masked_mean(
-                losses.kl_penalty(out["logprobs"], ref_logprobs[idx], self.kl_spec.estimator), m
-            )
-            loss = loss + self.kl_ctl.value * kl
+        if self.kl_spec.penalty == "loss" and ref_logprobs is not None:
+            kl = losses.kl_loss(out["logprobs"], old_logprobs[idx], ref_logprobs[idx], self.kl_spec.estimator)
+            loss = loss + self.kl_ctl.value * self._aggregate(kl, m)
         if out["entropy"] is not None:
             step_stats["entropy"] = losses.masked_mean(out["entropy"], m)
         if self.value_mode is None:
@@ -328,11 +392,30 @@ class PPOModule(TrainableOnlyModule):
         step_stats |= {"value_loss": vf_loss.detach(), "value_clipfrac": vf_clipfrac}
         yield loss + self.ppo.vf_coef * vf_loss, step_stats
 
-    def _optimizer_step(self, optimizer: Any, scheduler: Any) -> None:
+    def _aggregate(self, per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scalar of a per-token loss ``(n, R)``: ``ppo.loss_aggregation`` for grpo, else the
+        token mean."""
+        aggregation = self.ppo.loss_aggregation if self.algorithm == "grpo" else "dapo"
+        return losses.aggregate(per_token, mask, aggregation)
+
+    def _grpo_policy_loss(
+        self, logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clipped surrogate ``(n, R)`` reduced by ``ppo.loss_aggregation``; clipfrac, approx KL."""
+        per_token, clipped = losses.clipped_surrogate(logprobs, old_logprobs, advantages, self.ppo.cliprange)
+        approx_kl = losses.masked_mean(0.5 * (logprobs - old_logprobs).pow(2), mask)
+        clipfrac = losses.masked_mean(clipped.float(), mask)
+        return self._aggregate(per_token, mask), clipfrac.detach(), approx_kl.detach()
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Clip here: the precision plugin calls this after unscaling fp16 gradients (clipping
+        before ``optimizer.step()`` would clip the loss-scaled ones, Lightning #18089)."""
         if self.ppo.max_grad_norm is not None:
             self.clip_gradients(
                 optimizer, gradient_clip_val=self.ppo.max_grad_norm, gradient_clip_algorithm="norm"
             )
+
+    def _optimizer_step(self, optimizer: Any, scheduler: Any) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
@@ -362,14 +445,15 @@ class PPOModule(TrainableOnlyModule):
         self.log("val/reward", reward, on_epoch=True, batch_size=n, prog_bar=True, sync_dist=True)
 
     # ----------------------------------------------------------------------------- logging, guard
-    def _log_rollout(self, batch: Batch, mask, kl_per_seq: float, stats: dict, values, returns) -> None:
+    def _log_rollout(
+        self, batch: Batch, mask, kl_per_seq: float | None, stats: dict, values, returns
+    ) -> None:
         n_tokens = mask.sum().item()
         logs = {f"train/{k}": v for k, v in stats.items()}
         logs |= {f"train/{k}": float(v) for k, v in batch.get("stats", {}).items()}
         logs |= {
             "train/reward_mean": batch["scores"].float().mean().item(),
             "train/reward_std": batch["scores"].float().std().item(),
-            "train/kl": kl_per_seq,
             "train/kl_coef": self.kl_ctl.value,
             "train/response_length": mask.sum(-1).mean().item(),
             "train/eos_fraction": batch["ended_with_eos"].float().mean().item(),
@@ -382,6 +466,8 @@ class PPOModule(TrainableOnlyModule):
         generate_s = batch.get("stats", {}).get("rollout/generate_s")
         if generate_s:
             logs["train/generate_tokens_per_s"] = n_tokens / generate_s
+        if kl_per_seq is not None:
+            logs["train/kl"] = kl_per_seq
         if values is not None:
             residual = losses.masked_var(returns - values, mask, unbiased=False)
             logs["train/explained_variance"] = (
@@ -437,6 +523,7 @@ class PPOModule(TrainableOnlyModule):
             "kl_coef": self.kl_ctl.value,
             "rollout_step": self.rollout_step,
             "sampling_temperature": self.sampling_temperature,
+            "value_initialized": self.value_initialized,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -445,6 +532,8 @@ class PPOModule(TrainableOnlyModule):
         self.kl_ctl.value = state.get("kl_coef", self.kl_ctl.value)
         self.rollout_step = state.get("rollout_step", 0)
         self.sampling_temperature = state.get("sampling_temperature", 1.0)
+        # A checkpoint from before this flag holds a trained head: never re-initialise it.
+        self.value_initialized = state.get("value_initialized", "rl_state" in checkpoint)
 
     def save_pretrained(self, path: str | Path, merged: bool = False) -> Path:
         """Export the policy: a peft adapter folder (``<path>/policy``), or with ``merged`` (or
@@ -456,8 +545,9 @@ class PPOModule(TrainableOnlyModule):
             self.policy.save_pretrained(path)
         elif merged:
             policy = copy.deepcopy(self.policy)
-            if VALUE in policy.peft_config:
-                policy.delete_adapter(VALUE)
+            for name in (VALUE, REFERENCE):
+                if name in policy.peft_config:
+                    policy.delete_adapter(name)
             policy.set_adapter(POLICY)
             policy.merge_and_unload().save_pretrained(path)
         else:

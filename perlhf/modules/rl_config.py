@@ -11,13 +11,14 @@ class PPOSpec:
     """How each rollout batch is turned into parameter updates."""
 
     epochs: int = 4
-    """Passes over each rollout batch (use 1 for REINFORCE and RLOO: on-policy)."""
+    """Passes over each rollout batch (GRPO's iterations μ). REINFORCE has no importance ratio
+    and needs 1; it accumulates all minibatches of a rollout into one optimiser step."""
     minibatch_size: int = 16
     """Sequences per forward/backward pass."""
     gradient_accumulation: int = 1
-    """Minibatches accumulated into one optimiser step."""
+    """Minibatches accumulated into one optimiser step (reinforce: always a whole rollout's)."""
     cliprange: float = 0.2
-    """PPO ratio clip ε (ppo, rloo)."""
+    """Ratio clip ε (ppo, rloo, grpo)."""
     cliprange_value: float | None = 0.2
     """Value clip around the rollout-time values; None disables value clipping."""
     vf_coef: float = 0.1
@@ -30,11 +31,19 @@ class PPOSpec:
     """Normalise advantages over the rollout batch (masked)."""
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm of trainable parameters; None disables."""
+    loss_aggregation: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    """How grpo reduces per-token losses: ``grpo`` mean per sequence then over sequences,
+    ``dr_grpo`` sum over tokens / (sequences · response width) and no std in the advantages,
+    ``dapo`` mean over all tokens (``losses.aggregate``)."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "minibatch_size", "gradient_accumulation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
+        if self.loss_aggregation not in ("grpo", "dr_grpo", "dapo"):
+            raise ValueError(
+                f"ppo.loss_aggregation must be 'grpo', 'dr_grpo' or 'dapo', got {self.loss_aggregation!r}"
+            )
 
 
 @dataclass
@@ -49,10 +58,24 @@ class KLSpec:
     """Target KL (nats per sequence) for the adaptive controller."""
     horizon: int = 10000
     """Controller horizon in samples."""
-    estimator: Literal["k1", "k3"] = "k1"
-    """Per-token estimator: k1 = log π − log π_ref; k3 = unbiased, non-negative."""
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token estimator: k1 = log π − log π_ref; k2 = ½ (log π − log π_ref)²; k3 = π_ref/π − 1 −
+    log(π_ref/π). In the reward only k1 gives the gradient of KL(π‖π_ref); in the loss each is
+    importance-weighted so its expected gradient is that one (``losses.kl_loss``)."""
     penalty: Literal["reward", "loss"] = "reward"
     """``reward``: subtract β·KL from per-token rewards; ``loss``: add β·KL to the loss."""
+
+    def __post_init__(self) -> None:
+        if self.estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"kl.estimator must be 'k1', 'k2' or 'k3', got {self.estimator!r}")
+        if self.penalty not in ("reward", "loss"):
+            raise ValueError(f"kl.penalty must be 'reward' or 'loss', got {self.penalty!r}")
+        if self.penalty == "reward" and self.estimator != "k1":
+            raise ValueError(
+                f"kl.estimator={self.estimator!r} as a reward penalty does not give the gradient of "
+                "KL(π‖π_ref) (the policy gradient drops E[∇k], which is 0 only for k1); use "
+                "estimator: k1 with penalty: reward, or penalty: loss"
+            )
 
 
 class KLController:
@@ -69,5 +92,5 @@ class KLController:
         self.value *= 1.0 + error * n_samples / self.spec.horizon
 
 
-Algorithm = Literal["ppo", "reinforce", "rloo"]
+Algorithm = Literal["ppo", "reinforce", "rloo", "grpo"]
 ValueMode = Literal["adapter", "shared", "separate"]

@@ -1,0 +1,105 @@
+"""GRPO in PPOModule: group-normalised advantages, the loss aggregations wired through, KL in the
+loss (and no reference pass at β = 0), and it learns the built-in task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import quiet_trainer
+from test_rl import RecordRewards, ppo_module, rollout_data
+from test_rl_math import _junk_after_eos_batch, _record_steps, _run_training_step, _trained_policy
+
+from perlhf import losses
+from perlhf.modules.rl_config import KLSpec, PPOSpec
+
+MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+SCORES = torch.tensor([1.0, 2.0, 3.0, 5.0])
+
+
+S1, S2 = 0.5 * 2**0.5, 2**0.5  # unbiased std of the groups (1, 2) and (3, 5)
+
+
+@pytest.mark.parametrize(
+    ("aggregation", "expected"),
+    [
+        ("grpo", [-0.5 / (S1 + 1e-4), 0.5 / (S1 + 1e-4), -1 / (S2 + 1e-4), 1 / (S2 + 1e-4)]),
+        ("dapo", [-0.5 / (S1 + 1e-4), 0.5 / (S1 + 1e-4), -1 / (S2 + 1e-4), 1 / (S2 + 1e-4)]),
+        ("dr_grpo", [-0.5, 0.5, -1.0, 1.0]),  # centred only
+    ],
+)
+def test_grpo_advantages_by_hand(tiny_model_dir: Path, aggregation: str, expected: list[float]) -> None:
+    ppo = PPOSpec(loss_aggregation=aggregation)
+    module = ppo_module(tiny_model_dir, "grpo", ppo=ppo, kl=KLSpec(coef=0.0, penalty="loss"))
+    batch = {"scores": SCORES, "samples_per_prompt": 2}
+    advantages, returns = module._advantages(batch, MASK, torch.zeros_like(MASK), None)
+    torch.testing.assert_close(advantages, torch.tensor(expected)[:, None] * MASK)
+    assert returns is None and module.value_mode is None
+
+
+@pytest.mark.parametrize("aggregation", ["grpo", "dr_grpo", "dapo"])
+def test_grpo_loss_is_the_aggregated_surrogate_plus_kl(tiny_model_dir: Path, aggregation: str) -> None:
+    """On-policy (ρ = 1): ``agg(-A) + β · agg(k2)``, both reduced by the same aggregation."""
+    ppo = PPOSpec(epochs=1, minibatch_size=4, loss_aggregation=aggregation)
+    module = _trained_policy(
+        tiny_model_dir, "grpo", ppo=ppo, kl=KLSpec(coef=0.3, penalty="loss", estimator="k2")
+    )
+    batch = _junk_after_eos_batch(module)
+    idx, mask = torch.arange(4), batch["response_mask"].float()
+    with torch.no_grad():
+        old = module._forward(batch, idx, with_values=False)["logprobs"]
+        ref = module.reference_logprobs(batch, idx)
+    advantages = torch.tensor([1.0, -1.0, 2.0, 0.5])[:, None] * mask
+    args = (batch, idx, 0, mask, old, ref, None, advantages, None)
+    ((loss, stats),) = list(module._minibatch_losses(*args))
+    expected = losses.aggregate(-advantages, mask, aggregation) + 0.3 * losses.aggregate(
+        0.5 * (old - ref) ** 2, mask, aggregation
+    )
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert stats["clipfrac"] == 0.0
+
+
+def test_grpo_needs_kl_in_the_loss(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="kl.penalty: loss"):
+        ppo_module(tiny_model_dir, "grpo", kl=KLSpec(coef=0.1))
+
+
+def test_beta_zero_runs_no_reference_pass(tiny_model_dir: Path) -> None:
+    module = _trained_policy(
+        tiny_model_dir, "grpo", ppo=PPOSpec(epochs=2, minibatch_size=2), kl=KLSpec(coef=0.0, penalty="loss")
+    )
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("reference pass at β = 0")
+
+    module.reference_logprobs = no_reference
+    steps = _record_steps(module)
+    module.on_train_batch_start(batch := _junk_after_eos_batch(module), 0)
+    module.training_step(batch, 0)
+    assert len(steps) == 4  # 2 epochs × 2 minibatches, each its own clipped-ratio step
+    assert any(".lora_A.policy" in n for n in steps[0])
+
+
+def test_grpo_seen_by_the_update(tiny_model_dir: Path) -> None:
+    module = _trained_policy(tiny_model_dir, "grpo", kl=KLSpec(coef=0.1, penalty="loss", estimator="k3"))
+    batch = _junk_after_eos_batch(module)
+    seen = _run_training_step(module, batch)
+    mask = batch["response_mask"].float()
+    expected = losses.group_advantages(batch["scores"], 2)[:, None] * mask
+    torch.testing.assert_close(seen["advantages"], expected)
+
+
+def test_grpo_raises_reward(
+    tiny_model_dir: Path, reward_export: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    ppo = PPOSpec(epochs=2, minibatch_size=32)
+    module = ppo_module(tiny_model_dir, "grpo", ppo=ppo, kl=KLSpec(coef=0.0, penalty="loss"))
+    record = RecordRewards()
+    data = rollout_data(prompts_file, reward_export, "rloo")  # 16 prompts × 4 samples
+    quiet_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[record]).fit(
+        module, datamodule=data
+    )
+    first, last = sum(record.rewards[:4]) / 4, sum(record.rewards[-4:]) / 4
+    assert last > first + 0.5, f"grpo: mean reward {first:.2f} -> {last:.2f}"
