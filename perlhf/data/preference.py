@@ -42,7 +42,7 @@ from perlhf.data.loading import (
     train_val_splits,
 )
 from perlhf.data.rollout_utils import right_pad
-from perlhf.data.sampler import EpochSeededSampler
+from perlhf.data.sampler import EpochSeededSampler, ResumableDataLoader
 from perlhf.models import load_tokenizer
 
 Format = Literal["auto", "explicit", "implicit", "conversational", "scored", "tldr", "classifier"]
@@ -149,11 +149,12 @@ class PreferenceDataModule(L.LightningDataModule):
                 self.datasets[key] = self._encode_split(key, split, dataset, row_ids)
 
     def train_dataloader(self) -> DataLoader:
-        # Order depends on (seed, epoch) only, so a resumed run sees the epochs it would have seen.
+        # Order depends on (seed, epoch) only and the loader's position is checkpointed, so a run
+        # resumed at any step sees the batches the uninterrupted run would have seen.
         sampler = (
             EpochSeededSampler(self.datasets["train"], seed=self.seed) if "train" in self.datasets else None
         )
-        return self._loader("train", self.batch_size, sampler=sampler)
+        return self._loader("train", self.batch_size, sampler=sampler, loader=ResumableDataLoader)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size)
@@ -164,11 +165,21 @@ class PreferenceDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
-    def _loader(self, key: str, batch_size: int, **kwargs: Any) -> DataLoader:
+    def _loader(
+        self, key: str, batch_size: int, loader: type[DataLoader] = DataLoader, **kwargs: Any
+    ) -> DataLoader:
         if key not in self.datasets:
             raise RuntimeError(f"PreferenceDataModule has no {key} data yet; call setup() first")
         collate = PadCollator(self.tokenizer.pad_token_id, self.processor)
-        return DataLoader(self.datasets[key], batch_size=batch_size, collate_fn=collate, **kwargs)
+        # A private generator: starting an epoch must not draw from the global one (dropout's), or a
+        # resumed run's random stream would drift from the uninterrupted run's.
+        return loader(
+            self.datasets[key],
+            batch_size=batch_size,
+            collate_fn=collate,
+            generator=torch.Generator(),
+            **kwargs,
+        )
 
     def _load(self) -> DatasetDict:
         return load_dataset_dict(self.path, self.data_files, self.name, self.data_dir, "preference dataset")

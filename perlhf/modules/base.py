@@ -85,7 +85,11 @@ class TrainableOnlyModule(L.LightningModule):
                 f"(unexpected: {sorted(unexpected)[:5]}, missing: {sorted(missing)[:5]}); was it "
                 "written with a different finetune mode, LoRA rank or target_modules?"
             )
-        rng = checkpoint.get("rng_states")
+        # Restored when training starts, after whatever the resume itself draws (sanity checks).
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        rng, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
         if rng:
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
