@@ -11,6 +11,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from perlhf.data import synthetic
+from perlhf.guards import NonFiniteError, nonfinite_parameters
 from perlhf.strategies import gathered_params
 
 
@@ -42,6 +43,11 @@ class ExportPretrained(L.Callback):
                 exporter = unsharded_copy(pl_module, state)
         with gathered_params(trainer):  # DeepSpeed ZeRO-3: whole parameters on every rank
             if trainer.is_global_zero:
+                bad = nonfinite_parameters(exporter)
+                if bad:
+                    raise NonFiniteError(
+                        f"not exporting to {root}: parameters {bad[:3]} hold NaN/inf; nothing was written"
+                    )
                 exporter.save_pretrained(root / "adapter")
                 if self.merged:
                     exporter.save_pretrained(root / "merged", merged=True)

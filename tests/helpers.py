@@ -47,6 +47,8 @@ class KillAt(L.Callback):
     def __init__(self, batch: int) -> None:
         self.batch = batch
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx
+    ) -> None:
         if trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1 == self.batch:
             os.kill(os.getpid(), signal.SIGKILL)

@@ -27,8 +27,12 @@ def fit_config(root: Path, max_steps: int, model: dict, data: dict, kill_at: int
     callbacks: list[dict] = [
         {
             "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-            "init_args": {"dirpath": str(root / "ckpt"), "save_top_k": 0, "save_last": True,
-                          "every_n_train_steps": 1},
+            "init_args": {
+                "dirpath": str(root / "ckpt"),
+                "save_top_k": 0,
+                "save_last": True,
+                "every_n_train_steps": 1,
+            },
         }
     ]
     if kill_at is not None:
@@ -64,7 +68,11 @@ def launch(config: Path, *extra: str) -> subprocess.Popen:
     }
     return subprocess.Popen(
         [sys.executable, str(REPO / "cli.py"), "fit", "--config", str(config), *extra],
-        cwd=config.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=config.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -108,8 +116,14 @@ def test_reward_model_resumes_bit_identically_after_kill_9(
     files = {"train": str(preference_dir / "train.jsonl"), "test": str(preference_dir / "val.jsonl")}
     data = {
         "class_path": "perlhf.data.PreferenceDataModule",
-        "init_args": {"path": "json", "data_files": files, "max_length": 64, "batch_size": 16,
-                      "max_train_samples": 96, "max_val_samples": 16},
+        "init_args": {
+            "path": "json",
+            "data_files": files,
+            "max_length": 64,
+            "batch_size": 16,
+            "max_train_samples": 96,
+            "max_val_samples": 16,
+        },
     }
     # 6 batches per epoch: killed at step 4 of epoch 0, the run ends in epoch 1.
     kill_and_resume(tmp_path, max_steps=8, kill_at=4, model=model, data=data)
@@ -148,9 +162,15 @@ def test_rl_resumes_bit_identically_after_kill_9(
     }
     data = {
         "class_path": "perlhf.data.RolloutDataModule",
-        "init_args": {"path": str(prompts_file), "reward_model": str(reward_export), "val_fraction": 0.1,
-                      "prompts_per_rollout": 8, "samples_per_prompt": 2, "rollouts_per_epoch": 3,
-                      "max_new_tokens": 8},
+        "init_args": {
+            "path": str(prompts_file),
+            "reward_model": str(reward_export),
+            "val_fraction": 0.1,
+            "prompts_per_rollout": 8,
+            "samples_per_prompt": 2,
+            "rollouts_per_epoch": 3,
+            "max_new_tokens": 8,
+        },
     }
     # One optimiser step per rollout; killed in the middle of the second epoch.
     kill_and_resume(tmp_path, max_steps=5, kill_at=4, model=model, data=data)

@@ -11,6 +11,8 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from perlhf.checkpointing import DurableCheckpoints
+from perlhf.guards import NonFiniteGuard, check_finite
 from perlhf.models import ModelConfig, count_parameters
 
 WRAPPED_FSDP = "_fsdp_wrapped_module."
@@ -95,6 +97,14 @@ class TrainableOnlyModule(L.LightningModule):
             random.setstate(rng["python"])
             if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Every perlhf module runs with the non-finite guard and durable checkpoints."""
+        return [NonFiniteGuard(), DurableCheckpoints()]
+
+    def check_finite(self, quantity: str, tensor: torch.Tensor) -> None:
+        """Stop the run, checkpointing the last good state, unless ``tensor`` is finite everywhere."""
+        check_finite(self, quantity, tensor)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]

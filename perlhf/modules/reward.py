@@ -140,7 +140,9 @@ class RewardModule(TrainableOnlyModule):
             )
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train")
+        self.check_finite("loss", loss)
+        return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._shared_step(batch, "val")

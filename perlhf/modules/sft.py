@@ -87,6 +87,7 @@ class SFTModule(TrainableOnlyModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss_sum, tokens, correct = self.token_sums(batch)
         loss = loss_sum / tokens.clamp(min=1)
+        self.check_finite("loss", loss)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
         self.log(
