@@ -33,6 +33,7 @@ from perlhf.data.images import (
 )
 from perlhf.data.loading import (
     Splits,
+    check_counts,
     check_mapped_columns,
     check_text_data_args,
     load_dataset_dict,
@@ -110,6 +111,12 @@ class PreferenceDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         check_text_data_args(FORMATS, CANONICAL, format, overlong, val_fraction, max_length, columns)
+        check_counts(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            max_train_samples=max_train_samples,
+            max_val_samples=max_val_samples,
+        )
         self.save_hyperparameters()
         self.path, self.data_files, self.name, self.data_dir = path, data_files, name, data_dir
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from perlhf.data.formats import RowError, _response, _string
 from perlhf.data.loading import (
+    check_counts,
     check_mapped_columns,
     check_text_data_args,
     load_dataset_dict,
@@ -141,6 +142,12 @@ class SFTDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         check_text_data_args(SFT_FORMATS, SFT_CANONICAL, format, overlong, val_fraction, max_length, columns)
+        check_counts(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            max_train_samples=max_train_samples,
+            max_val_samples=max_val_samples,
+        )
         self.save_hyperparameters()
         self.path, self.data_files, self.name, self.data_dir = path, data_files, name, data_dir
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction

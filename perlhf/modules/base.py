@@ -126,5 +126,18 @@ class TrainableOnlyModule(L.LightningModule):
         )
 
 
+def check_training_config(model: ModelConfig, optimizer: OptimizerCallable) -> None:
+    """Construction-time checks of what ``ModelConfig`` and torch would only reject mid-run:
+    the LoRA dropout and scale, and the optimiser's arguments (built once on a dummy tensor)."""
+    if not 0.0 <= model.lora.dropout < 1.0:
+        raise ValueError(f"model.lora.dropout must be in [0, 1), got {model.lora.dropout}")
+    if model.lora.alpha <= 0:
+        raise ValueError(f"model.lora.alpha must be > 0, got {model.lora.alpha}")
+    try:
+        optimizer([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"optimizer: {err} (model.init_args.optimizer.init_args)") from err
+
+
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4)

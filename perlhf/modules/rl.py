@@ -19,7 +19,7 @@ from perlhf import losses
 from perlhf.data.images import combine_vision, load_processor
 from perlhf.guards import check_finite
 from perlhf.models import ModelConfig, build_causal_lm, checkpointing_in_eval, load_tokenizer
-from perlhf.modules.base import TrainableOnlyModule, default_optimizer
+from perlhf.modules.base import TrainableOnlyModule, check_training_config, default_optimizer
 from perlhf.modules.policy import (
     POLICY,
     VALUE,
@@ -81,6 +81,7 @@ class PPOModule(TrainableOnlyModule):
     ) -> None:
         super().__init__()
         model = ModelConfig.coerce(model)
+        check_training_config(model, optimizer)
         ppo = ppo if isinstance(ppo, PPOSpec) else PPOSpec(**(ppo or {}))
         kl = kl if isinstance(kl, KLSpec) else KLSpec(**(kl or {}))
         if algorithm not in ("ppo", "reinforce", "rloo"):

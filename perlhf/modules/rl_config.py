@@ -35,6 +35,17 @@ class PPOSpec:
         for name in ("epochs", "minibatch_size", "gradient_accumulation"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
+        checks = {
+            "cliprange": (self.cliprange > 0, "> 0"),
+            "cliprange_value": (self.cliprange_value is None or self.cliprange_value > 0, "> 0 or null"),
+            "vf_coef": (self.vf_coef >= 0, ">= 0"),
+            "gamma": (0 <= self.gamma <= 1, "in [0, 1]"),
+            "lam": (0 <= self.lam <= 1, "in [0, 1]"),
+            "max_grad_norm": (self.max_grad_norm is None or self.max_grad_norm > 0, "> 0 or null"),
+        }
+        for name, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(f"ppo.{name} must be {allowed}, got {getattr(self, name)}")
 
 
 @dataclass
@@ -53,6 +64,16 @@ class KLSpec:
     """Per-token estimator: k1 = log π − log π_ref; k3 = unbiased, non-negative."""
     penalty: Literal["reward", "loss"] = "reward"
     """``reward``: subtract β·KL from per-token rewards; ``loss``: add β·KL to the loss."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "coef": (self.coef >= 0, ">= 0"),
+            "target": (self.target > 0, "> 0"),
+            "horizon": (self.horizon >= 1, ">= 1"),
+        }
+        for name, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(f"kl.{name} must be {allowed}, got {getattr(self, name)}")
 
 
 class KLController:

@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics import SumMetric
 
 from perlhf.models import ModelConfig, build_causal_lm, load_tokenizer
-from perlhf.modules.base import TrainableOnlyModule, default_optimizer
+from perlhf.modules.base import TrainableOnlyModule, check_training_config, default_optimizer
 
 Batch = dict[str, torch.Tensor]
 IGNORE_INDEX = -100
@@ -49,6 +49,7 @@ class SFTModule(TrainableOnlyModule):
     ) -> None:
         super().__init__()
         model = ModelConfig.coerce(model)
+        check_training_config(model, optimizer)
         self.save_plain_hyperparameters()
         self.config = model
         self.optimizer = optimizer
