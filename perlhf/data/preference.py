@@ -11,6 +11,7 @@ carry the images' pixel inputs under ``vision`` (see ``perlhf.data.images``).
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Literal
 
 import lightning.pytorch as L
@@ -132,6 +133,10 @@ class PreferenceDataModule(L.LightningDataModule):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, Dataset] = {}
         self.num_dropped: dict[str, int] = {}
+        """Rows per split dropped: overlong (``overlong="drop"``), or cut to ``chosen == rejected``."""
+        self.num_truncated: dict[str, int] = {}
+        """Rows per split whose prompt or responses were cut to fit ``max_length``."""
+        self._tally: Counter[str] = Counter()
 
     @property
     def is_pairwise(self) -> bool:
@@ -235,6 +240,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def _encode_split(self, key: str, split: str, dataset: Dataset, row_ids: list[int] | None) -> Dataset:
         view = self._resolve_columns(split, dataset)
         image_column = self._image_column(split, dataset)
+        self._tally = Counter()
         if self.is_pairwise:
             outputs = ["chosen_input_ids", "rejected_input_ids"] + (["margin"] if "margin" in view else [])
         else:
@@ -271,9 +277,12 @@ class PreferenceDataModule(L.LightningDataModule):
             desc=f"Tokenizing {key}",
         )
         self.num_dropped[key] = len(dataset) - len(encoded)
+        self.num_truncated[key] = self._tally["truncated"]
         rank_zero_info(
-            f"{self._where(split)} ({key}, format {self.format}): {len(encoded)} examples, "
-            f"{self.num_dropped[key]} dropped for exceeding max_length={self.max_length}"
+            f"{self._where(split)} ({key}, format {self.format}): {len(encoded)} examples; "
+            f"{self._tally['overlong']} dropped for exceeding max_length={self.max_length}, "
+            f"{self._tally['identical']} dropped because truncation left chosen == rejected, "
+            f"{self.num_truncated[key]} truncated"
         )
         if len(encoded) == 0:
             raise ValueError(
@@ -311,6 +320,7 @@ class PreferenceDataModule(L.LightningDataModule):
             keep = len(prompt)
             if keep >= self.max_length:
                 if self.overlong == "drop":
+                    self._tally["overlong"] += 1
                     return None
                 raise RowError(
                     "prompt",
@@ -326,8 +336,10 @@ class PreferenceDataModule(L.LightningDataModule):
             keep = int(bool(prompt) and tok.bos_token_id is not None and prompt[0] == tok.bos_token_id)
         room = self.max_length - min(len(prompt), keep + 1)  # keep BOS and one prompt token at least
         longest = max(names, key=lambda name: len(responses[name]))
+        cut = False
         if len(responses[longest]) > room:
             if self.overlong == "drop":
+                self._tally["overlong"] += 1
                 return None
             if self.overlong == "error":
                 raise RowError(
@@ -337,9 +349,16 @@ class PreferenceDataModule(L.LightningDataModule):
                     "overlong='drop' (or 'truncate')",
                 )
             responses = {name: ids[:room] for name, ids in responses.items()}
+            if self.is_pairwise and responses["chosen"] == responses["rejected"]:
+                # Cutting a shared long prefix leaves nothing to prefer: a pair with no signal.
+                self._tally["identical"] += 1
+                return None
+            cut = True
         budget = self.max_length - max(len(ids) for ids in responses.values())
         if len(prompt) > budget:
             prompt = prompt[:keep] + prompt[len(prompt) - budget + keep :]
+            cut = True
+        self._tally["truncated"] += cut
         if not self.is_pairwise:
             encoded = {"input_ids": prompt + responses["response"], "labels": example["label"]}
         else:
