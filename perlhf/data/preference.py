@@ -11,7 +11,9 @@ carry the images' pixel inputs under ``vision`` (see ``perlhf.data.images``).
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as L
@@ -38,6 +40,7 @@ from perlhf.data.loading import (
     check_mapped_columns,
     check_text_data_args,
     load_dataset_dict,
+    local_files,
     row_failure,
     source_name,
     tokenizer_name_from,
@@ -86,6 +89,9 @@ class PreferenceDataModule(L.LightningDataModule):
         image_column: Column of each prompt's images (a file path, image bytes or a PIL image, or a
             list of them); None: ``images`` or ``image`` when the data has one. Image data is
             encoded with the processor (``AutoProcessor``) of the tokenizer's model, a VLM.
+        image_root: Folder that image paths in the data are relative to and confined to; None: the
+            folder of the local data files (the working directory for hub data).
+        allow_images_outside_root: Read image paths outside ``image_root`` too (trusted data only).
     """
 
     def __init__(
@@ -109,6 +115,8 @@ class PreferenceDataModule(L.LightningDataModule):
         max_val_samples: int | None = None,
         seed: int = 0,
         image_column: str | None = None,
+        image_root: str | None = None,
+        allow_images_outside_root: bool = False,
     ) -> None:
         super().__init__()
         check_text_data_args(FORMATS, CANONICAL, format, overlong, val_fraction, max_length, columns)
@@ -129,6 +137,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.max_samples = {"train": max_train_samples, "val": max_val_samples}
         self.seed = seed
         self.image_column = image_column
+        self.image_root, self.allow_images_outside_root = image_root, allow_images_outside_root
         self.processor = None  # a VLM's processor, loaded when the data has images
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, Dataset] = {}
@@ -257,7 +266,9 @@ class PreferenceDataModule(L.LightningDataModule):
                 images = None
                 if image_column is not None:
                     where = f"{self._where(split)} row {row_id}, column {image_column!r}"
-                    images = row_images(batch[image_column][i], where)
+                    images = row_images(
+                        batch[image_column][i], where, self._image_root(), self.allow_images_outside_root
+                    )
                 try:
                     example = to_example(self.format, row, self.tokenizer, self.response_marker)
                     encoded = self._encode(example, images)
@@ -290,6 +301,12 @@ class PreferenceDataModule(L.LightningDataModule):
                 "raise max_length or set overlong='truncate'"
             )
         return encoded
+
+    def _image_root(self) -> Path:
+        if self.image_root is not None:
+            return Path(self.image_root)
+        files = [file for _, file in local_files(self.path, self.data_files)]
+        return Path(os.path.commonpath([f.resolve().parent for f in files])) if files else Path.cwd()
 
     def _image_column(self, split: str, dataset: Dataset) -> str | None:
         """The image column of ``split`` (None: text data); loads the processor when there is one."""
