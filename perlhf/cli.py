@@ -52,7 +52,7 @@ class PerlhfCLI(LightningCLI):
                 "run, or the config that wrote this checkpoint"
             )
         given, before = _flat(model.get("init_args", {})), _flat(saved)
-        differ = sorted(k for k in before.keys() & given.keys() if before[k] != given[k])
+        differ = sorted(k for k in before.keys() & given.keys() if not _same(before[k], given[k]))
         refused = [k for k in differ if not k.startswith(APPLIED_ON_RESUME)]
         if refused:
             lines = "; ".join(
@@ -78,6 +78,13 @@ class PerlhfCLI(LightningCLI):
                 f"model.init_args.algorithm={algorithm!r} needs data.init_args.samples_per_prompt >= 2 "
                 f"(its baseline compares the samples of one prompt), got {samples}"
             )
+
+
+def _same(saved: Any, given: Any) -> bool:
+    """Equal values; a local path also equals the absolute one checkpoints record."""
+    if isinstance(saved, str) and isinstance(given, str) and saved != given and Path(given).exists():
+        return Path(given).resolve() == Path(saved).resolve()
+    return saved == given
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import random
 from dataclasses import asdict, is_dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
@@ -70,6 +72,8 @@ class TrainableOnlyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = pinned_paths(checkpoint["hyper_parameters"])
         # Dropout draws from the global generators; restoring them makes a resumed run take the
         # same steps as an uninterrupted one.
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -124,6 +128,24 @@ class TrainableOnlyModule(L.LightningModule):
             f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters "
             f"({100 * trainable / max(total, 1):.2f}%)"
         )
+
+
+LOCAL_PATH_KEYS = ("name_or_path", "tokenizer", "value_model", "reference_model")
+"""Hyperparameters that may name a local model folder."""
+
+
+def pinned_paths(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``hparams`` whose local model folders are absolute (symlinks resolved), so that
+    ``load_from_checkpoint`` works from any working directory and on the exact base it trained on."""
+    out = copy.deepcopy(dict(hparams))
+    for tree in (out, out.get("model")):
+        if not isinstance(tree, dict):
+            continue
+        for key in LOCAL_PATH_KEYS:
+            value = tree.get(key)
+            if isinstance(value, str) and value and Path(value).exists():
+                tree[key] = str(Path(value).resolve())
+    return out
 
 
 def check_training_config(model: ModelConfig, optimizer: OptimizerCallable) -> None:
