@@ -77,10 +77,14 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # float16 loss scaling: an inf gradient is expected, and the scaler skips that step
         grads = [p.grad for p in pl_module.parameters() if p.requires_grad and p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads]))
-            check_finite(pl_module, f"gradient norm ({norm.item()})", norm)
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in grads]))
+        if not agreed(trainer, bool(torch.isfinite(norm))):
+            stop(pl_module, f"gradient norm ({norm.item()})", f"optimiser step {trainer.global_step}")
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
