@@ -77,16 +77,17 @@ def unreadable_checkpoint(path: Any, err: BaseException) -> str:
     )
 
 
-def last_checkpoint_path(trainer: L.Trainer) -> Path:
-    """Where ``last.ckpt`` goes: the ``ModelCheckpoint`` folder, else ``<log_dir>/checkpoints``."""
+def last_checkpoint_path(trainer: L.Trainer) -> Path | None:
+    """Where ``last.ckpt`` goes: the ``ModelCheckpoint`` folder (None: checkpointing is off)."""
     callback = trainer.checkpoint_callback
     if isinstance(callback, ModelCheckpoint) and callback.dirpath:
         return Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-    return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    return None
 
 
 class DurableCheckpoints(L.Callback):
-    """Atomic checkpoint writes, and ``last.ckpt`` on SIGINT/SIGTERM and on exceptions.
+    """Atomic checkpoint writes, and ``last.ckpt`` on SIGINT/SIGTERM and on exceptions (in the
+    ``ModelCheckpoint`` folder; with checkpointing off a signal still stops cleanly, unsaved).
 
     A signal during ``fit`` lets the current step finish, writes ``last.ckpt`` (which resumes
     exactly, like any step checkpoint) and stops with ``KeyboardInterrupt`` (SIGINT) or
@@ -131,9 +132,12 @@ class DurableCheckpoints(L.Callback):
         if not stop:
             return
         path = last_checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        if path is None:
+            rank_zero_info(f"stopping at step {trainer.global_step}; checkpointing is off, nothing saved")
+        else:
+            trainer.save_checkpoint(path)
+            rank_zero_info(f"saved {path} at step {trainer.global_step}; resume with --ckpt_path {path}")
         self._saved = True
-        rank_zero_info(f"saved {path} at step {trainer.global_step}; resume with --ckpt_path {path}")
         self._restore_handlers()
         raise SIGTERMException if self._signal == signal.SIGTERM else KeyboardInterrupt
 
@@ -146,14 +150,14 @@ class DurableCheckpoints(L.Callback):
         self._restore_handlers()
         skip = (NonFiniteError, CheckpointWriteError, SIGTERMException)
         fitting = trainer.state.fn == TrainerFn.FITTING
-        if self._saved or not fitting or isinstance(exception, skip) or trainer.global_step == 0:
+        path = last_checkpoint_path(trainer)
+        if self._saved or not fitting or isinstance(exception, skip) or not trainer.global_step or not path:
             return
         # The batch in flight was not trained: resume with it, not after it.
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         for loader in getattr(trainer.fit_loop._combined_loader, "flattened", []):
             if isinstance(loader, ResumableDataLoader):
                 loader.batches_yielded = done
-        path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         rank_zero_info(
             f"training failed ({type(exception).__name__}); saved {path} at step {trainer.global_step}"

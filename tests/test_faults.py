@@ -50,8 +50,11 @@ def fit(
     steps: int,
     *callbacks,
     ckpt_path: str | None = None,
+    every: int = 1,
 ) -> L.Trainer:
-    every_step = ModelCheckpoint(dirpath=root / "ckpt", save_top_k=0, save_last=True, every_n_train_steps=1)
+    every_step = ModelCheckpoint(
+        dirpath=root / "ckpt", save_top_k=0, save_last=True, every_n_train_steps=every
+    )
     trainer = quiet_trainer(
         root,
         max_steps=steps,
@@ -198,6 +201,31 @@ def test_signal_mid_run_saves_the_current_step_and_resumes_exactly(
 
     resumed = run(tmp_path / "resumed", ckpt_path=str(last))
     straight = run(tmp_path / "straight")
+    expected = trainable(straight)
+    for name, tensor in trainable(resumed).items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_exception_mid_run_saves_the_state_before_the_failed_step(
+    tiny_model_dir: Path, preference_dir: Path, tmp_path: Path
+) -> None:
+    class Crash(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == 3:
+                raise RuntimeError("simulated crash")
+
+    def run(root: Path, *callbacks, ckpt_path: str | None = None) -> RewardModule:
+        L.seed_everything(0)
+        module = reward_module(tiny_model_dir)
+        data = preference_data(preference_dir, tiny_model_dir)
+        fit(module, data, root, 8, *callbacks, ckpt_path=ckpt_path, every=100)  # no step checkpoints
+        return module
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "crashed", Crash())
+    last = tmp_path / "crashed" / "ckpt" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    resumed, straight = run(tmp_path / "resumed", ckpt_path=str(last)), run(tmp_path / "straight")
     expected = trainable(straight)
     for name, tensor in trainable(resumed).items():
         assert torch.equal(tensor, expected[name]), name
