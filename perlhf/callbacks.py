@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,14 +13,21 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from perlhf.data import synthetic
+from perlhf.guards import NonFiniteError, nonfinite_parameters
 from perlhf.strategies import gathered_params
 
 
 class ExportPretrained(L.Callback):
     """Write the trained model with ``pl_module.save_pretrained`` at the end of ``fit``.
 
-    The adapter goes to ``<dirpath>/adapter`` (peft format: ``PeftModel.from_pretrained`` on the
-    base model loads it) and, with ``merged``, a standalone model to ``<dirpath>/merged``.
+    Each run's export is a new version, ``<dirpath>/versions/<n>/``: the adapter in ``adapter/``
+    (peft format: ``PeftModel.from_pretrained`` on the base model loads it) and, with ``merged``, a
+    standalone model in ``merged/``. Only once a version is complete do ``<dirpath>/adapter`` and
+    ``<dirpath>/merged`` switch to it (symlinks, replaced atomically), so later stages reading
+    them get the latest *completed* export, and a short debug run never destroys the export an
+    earlier stage was trained on: every version stays under ``versions/``. The adapter records its
+    base model as an absolute path, so it loads from any working directory. An interrupted run or
+    non-finite weights export nothing.
 
     Args:
         dirpath: Output folder; None: ``<trainer.log_dir>/export``.
@@ -42,11 +51,51 @@ class ExportPretrained(L.Callback):
                 exporter = unsharded_copy(pl_module, state)
         with gathered_params(trainer):  # DeepSpeed ZeRO-3: whole parameters on every rank
             if trainer.is_global_zero:
-                exporter.save_pretrained(root / "adapter")
-                if self.merged:
-                    exporter.save_pretrained(root / "merged", merged=True)
-                rank_zero_info(f"exported {type(pl_module).__name__} to {root}")
+                bad = nonfinite_parameters(exporter)
+                if bad:
+                    raise NonFiniteError(
+                        f"not exporting to {root}: parameters {bad[:3]} hold NaN/inf; nothing was written"
+                    )
+                names = ["adapter"] + (["merged"] if self.merged else [])
+                version = write_version(root, names, exporter.save_pretrained)
+                rank_zero_info(
+                    f"exported {type(pl_module).__name__} to {version}; {', '.join(names)} in {root} now "
+                    f"point there (earlier exports stay in {root / 'versions'})"
+                )
         trainer.strategy.barrier()
+
+
+def write_version(root: Path, names: list[str], save: Callable[..., Any]) -> Path:
+    """Export into a new ``root/versions/<n>`` and point ``root/<name>`` at it when complete."""
+    versions = root / "versions"
+    versions.mkdir(parents=True, exist_ok=True)
+    number = 1 + max((int(p.name) for p in versions.iterdir() if p.name.isdigit()), default=0)
+    partial = versions / f".incomplete-{number}-{os.getpid()}"
+    for name in names:
+        save(partial / name, merged=name == "merged")
+    for config in partial.rglob("adapter_config.json"):
+        pin_base_model(config)
+    version = versions / str(number)
+    os.replace(partial, version)
+    for name in names:
+        link = root / name
+        if link.is_dir() and not link.is_symlink():  # an export from before versioning: keep it
+            os.replace(link, versions / f"unversioned-{name}-{number}")
+        staged = root / f".{name}.link-{os.getpid()}"
+        staged.unlink(missing_ok=True)
+        staged.symlink_to(Path("versions") / str(number) / name, target_is_directory=True)
+        os.replace(staged, link)
+    return version
+
+
+def pin_base_model(config_file: Path) -> None:
+    """Make a peft ``adapter_config.json``'s ``base_model_name_or_path`` absolute when it is a
+    local folder (peft stores the path it was given, relative to the training run's directory)."""
+    config = json.loads(config_file.read_text())
+    base = config.get("base_model_name_or_path")
+    if base and not Path(base).is_absolute() and Path(base).exists():
+        config["base_model_name_or_path"] = str(Path(base).resolve())
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def unsharded_copy(module: L.LightningModule, state: dict[str, Any]) -> L.LightningModule:

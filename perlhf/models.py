@@ -179,9 +179,22 @@ def pretrained_location(name_or_path: str | Path) -> tuple[str, dict]:
     return path, {}
 
 
+def check_model_source(name_or_path: str, what: str = "model.name_or_path") -> None:
+    """A value that can only be a local path (absolute, ``./``, ``~``, or more than one ``/``: hub
+    ids are ``org/name``) must exist; say so instead of transformers' "Repo id must be…"."""
+    looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(
+            f"{what}={name_or_path!r}: no such folder (relative paths resolve from {Path.cwd()}); run "
+            "the stage that writes it first, or give an existing folder or a hub id (org/name)"
+        )
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer; if it has no pad token, pad with eos (the usual choice for decoder LMs)."""
     location, extra = pretrained_location(name_or_path)
+    if not extra:
+        check_model_source(name_or_path, "tokenizer (model.name_or_path or tokenizer)")
     tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
@@ -238,6 +251,8 @@ def _quantization_kwargs(cfg: ModelConfig) -> dict:
 def is_vlm(cfg: ModelConfig, name_or_path: str | None = None) -> bool:
     """Whether the checkpoint (``cfg.name_or_path`` unless given) is a vision-language model."""
     location, extra = pretrained_location(name_or_path or cfg.name_or_path)
+    if not extra:
+        check_model_source(location)
     config = AutoConfig.from_pretrained(
         location, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **extra
     )

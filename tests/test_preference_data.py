@@ -297,11 +297,24 @@ def test_overlong_truncate_cuts_the_response(tmp_path: Path, tok: Any, tok_dir: 
     path = overlong_file(tmp_path)
     dm = make_dm(path, tok_dir, max_length=24, overlong="truncate", **same_split(path))
     assert dm.num_dropped == {"train": 0, "val": 0}
+    assert dm.num_truncated == {"train": 1, "val": 1}
     example = dm.datasets["val"][1]
     response = tok(" red" * 40, add_special_tokens=False)["input_ids"]
     prompt = tok("Name some colours 1:")["input_ids"]
     assert example["chosen_input_ids"] == prompt[-1:] + response[:23]
     assert example["rejected_input_ids"] == prompt[-1:] + tok(" cat", add_special_tokens=False)["input_ids"]
+
+
+def test_truncation_that_makes_a_pair_identical_drops_it_and_counts(
+    tmp_path: Path, tok: Any, tok_dir: str
+) -> None:
+    shared = " red" * 40
+    rows = [*explicit_rows(2), pair("p", shared + " cat", shared + " dog"), pair("p", shared, " cat")]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    dm = make_dm(path, tok_dir, max_length=24, overlong="truncate", **same_split(path))
+    assert len(dm.datasets["train"]) == 3, "the pair cut to chosen == rejected is dropped"
+    assert all(e["chosen_input_ids"] != e["rejected_input_ids"] for e in dm.datasets["train"])
+    assert dm.num_dropped["train"] == 1 and dm.num_truncated["train"] == 1
 
 
 @pytest.mark.parametrize(

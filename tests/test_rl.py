@@ -14,10 +14,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM
 
 from perlhf.data import RolloutDataModule
+from perlhf.guards import NonFiniteError
 from perlhf.losses import logprobs_from_logits
 from perlhf.models import LoraSpec, ModelConfig, build_causal_lm
 from perlhf.modules import PPOModule
-from perlhf.modules.rl import NonFiniteError
 from perlhf.modules.rl_config import KLSpec, PPOSpec
 
 

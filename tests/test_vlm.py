@@ -228,3 +228,37 @@ def test_vlm_rl_raises_reward(vlm_dir: Path, vlm_reward: dict, shapes_dir: Path,
     for name, param in module.named_parameters():
         if name in frozen:
             assert torch.equal(param, frozen[name]), f"backbone tensor {name} changed"
+
+
+@pytest.mark.parametrize(
+    "escape", ["../outside.png", "{abs}", "~/outside.png"], ids=["dotdot", "absolute", "tilde"]
+)
+def test_image_paths_stay_under_image_root(escape: str, vlm_dir: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.png"
+    shapes.draw("red", "circle", __import__("random").Random(0)).save(outside)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    shapes.draw("blue", "square", __import__("random").Random(1)).save(data_dir / "inside.png")
+    path = data_dir / "pairs.jsonl"
+    rows = [("inside.png"), escape.format(abs=outside)]
+    path.write_text(
+        "".join(
+            json.dumps({"images": [image], "prompt": "Colour?", "chosen": "red", "rejected": "blue"}) + "\n"
+            for image in rows
+        )
+    )
+    data = PreferenceDataModule(path=str(path), tokenizer=str(vlm_dir), val_split="train")
+    # "~" is not expanded: it names a folder "~" under the root, which does not exist.
+    refused = (
+        "image file '~/outside.png' not found"
+        if escape.startswith("~")
+        else "image path .* is outside image_root"
+    )
+    with pytest.raises(ValueError, match=rf"row 1, column 'images': {refused}"):
+        data.setup("validate")
+    if escape != "~/outside.png":  # with the user's consent, a path outside the root is read
+        trusted = PreferenceDataModule(
+            path=str(path), tokenizer=str(vlm_dir), val_split="train", allow_images_outside_root=True
+        )
+        trusted.setup("validate")
+        assert len(trusted.datasets["val"]) == 2

@@ -70,10 +70,14 @@ def undecoded(dataset: Dataset, column: str) -> Dataset:
     return dataset
 
 
-def load_image(value: Any, where: str) -> Image.Image:
+def load_image(
+    value: Any, where: str, root: str | Path | None = None, allow_outside: bool = False
+) -> Image.Image:
     """One RGB image from a PIL image, a file path, raw bytes or a ``{"bytes", "path"}`` dict.
 
-    ``where`` names the dataset, row and column in errors."""
+    ``where`` names the dataset, row and column in errors. With ``root``, a path is read relative
+    to it and must lie inside it (``~`` is not expanded, ``..`` cannot leave it) unless
+    ``allow_outside``: a dataset from an untrusted source cannot make the run read any file."""
     if isinstance(value, Image.Image):
         return value.convert("RGB")
     if isinstance(value, dict):
@@ -81,12 +85,19 @@ def load_image(value: Any, where: str) -> Image.Image:
     if isinstance(value, (bytes, bytearray)):
         source, what = io.BytesIO(value), "its image bytes"
     elif isinstance(value, (str, Path)):
-        path = Path(value).expanduser()
+        base = Path(root if root is not None else Path.cwd()).resolve()
+        path = (base / value).resolve()
+        if root is not None and not allow_outside and not path.is_relative_to(base):
+            raise ValueError(
+                f"{where}: image path {str(value)!r} is outside image_root {base}; images are read only "
+                "under image_root — set data.init_args.image_root to their folder, or "
+                "allow_images_outside_root: true for data you trust"
+            )
         if not path.is_file():
             raise ValueError(
-                f"{where}: image file {str(value)!r} not found (relative paths are read from the working "
-                f"directory {Path.cwd()}); fix the path, run from the folder it is relative to, or "
-                "store the image bytes in a datasets Image column"
+                f"{where}: image file {str(value)!r} not found (relative paths are read from {base}); "
+                "fix the path, set image_root to the folder it is relative to, or store the image bytes "
+                "in a datasets Image column"
             )
         source, what = path, f"image file {str(value)!r}"
     else:
@@ -104,12 +115,18 @@ def load_image(value: Any, where: str) -> Image.Image:
         ) from None
 
 
-def row_images(value: Any, where: str) -> list[Image.Image]:
-    """The images of one row: one image, a list of images, or None / ``[]`` for none."""
+def row_images(
+    value: Any, where: str, root: str | Path | None = None, allow_outside: bool = False
+) -> list[Image.Image]:
+    """The images of one row: one image, a list of images, or None / ``[]`` for none (paths read
+    under ``root``, see ``load_image``)."""
     if value is None:
         return []
     values = value if isinstance(value, (list, tuple)) else [value]
-    return [load_image(v, f"{where}, image {i}" if len(values) > 1 else where) for i, v in enumerate(values)]
+    return [
+        load_image(v, f"{where}, image {i}" if len(values) > 1 else where, root, allow_outside)
+        for i, v in enumerate(values)
+    ]
 
 
 def user_turn(text: str, n_images: int) -> list[dict[str, Any]]:

@@ -7,6 +7,7 @@ holding out a seeded share of the train split when there is no validation split.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -45,11 +46,61 @@ def load_dataset_dict(
         args: dict[str, Any] = {"path": builder, "data_files": str(local)}
     else:
         args = {"path": path, "name": name, "data_dir": data_dir, "data_files": data_files}
+    files = local_files(path, data_files)
+    for split, file in files:
+        if file.stat().st_size < 4096 and not file.read_text(errors="replace").strip():
+            raise ValueError(
+                f"{what} file {file} ({split}) is empty: it has no rows; fill it or fix the path"
+            )
     try:
         return load_dataset(**args)
     except Exception as err:
-        files = "" if data_files is None else f", data_files={data_files!r}"
-        raise ValueError(f"could not load {what} path={path!r}{files}: {err}") from err
+        shown = "" if data_files is None else f", data_files={data_files!r}"
+        cause = json_problem(files) or str(err) or type(err).__name__
+        raise ValueError(f"could not load {what} path={path!r}{shown}: {cause}") from err
+
+
+def local_files(path: str, data_files: Any) -> list[tuple[str, Path]]:
+    """``(split, file)`` for the local files a ``load_dataset`` call reads (hub data: none)."""
+    if Path(path).is_file():
+        return [("train", Path(path))]
+    if data_files is None:
+        return []
+    by_split = data_files if isinstance(data_files, dict) else {"train": data_files}
+    pairs = []
+    for split, files in by_split.items():
+        for file in [files] if isinstance(files, str) else files:
+            if Path(file).is_file():
+                pairs.append((split, Path(file)))
+    return pairs
+
+
+def json_problem(files: list[tuple[str, Path]]) -> str | None:
+    """What is wrong with local JSON-lines files, naming file and line: a line that is not a JSON
+    object, or splits whose first rows have different columns. None: nothing found."""
+    columns: dict[str, tuple[Path, list[str]]] = {}
+    for split, file in files:
+        if file.suffix.lower() not in (".json", ".jsonl"):
+            continue
+        with open(file, encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, 1):
+                text = line.strip()
+                if number == 1 and text.startswith("["):
+                    break  # one JSON array, not JSON lines
+                if not text:
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as err:
+                    problem = f"not valid JSON ({err.msg} at column {err.colno})"
+                    return f"{file} line {number}: {problem}: {text[:80]!r}"
+                if not isinstance(row, dict):
+                    return f"{file} line {number}: a JSON object per line is expected, got {text[:80]!r}"
+                columns.setdefault(split, (file, sorted(row)))
+    if len({tuple(cols) for _, cols in columns.values()}) > 1:
+        listed = "; ".join(f"{split} ({file}): {cols}" for split, (file, cols) in columns.items())
+        return f"the splits have different columns — {listed}; give every split the same columns"
+    return None
 
 
 def train_val_splits(
@@ -145,6 +196,13 @@ def check_text_data_args(
             f"columns keys {unknown} are not canonical column names; the keys are "
             f"canonical names ({sorted(canonical)}), the values dataset columns"
         )
+
+
+def check_counts(**values: int | None) -> None:
+    """Batch sizes and sample limits: each at least 1 (None: unset). Raised at construction."""
+    for key, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"data.init_args.{key} must be >= 1, got {value}")
 
 
 def source_name(path: str, data_files: Any, split: str | None) -> str:

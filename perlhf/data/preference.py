@@ -11,6 +11,9 @@ carry the images' pixel inputs under ``vision`` (see ``perlhf.data.images``).
 
 from __future__ import annotations
 
+import os
+from collections import Counter
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as L
@@ -33,16 +36,18 @@ from perlhf.data.images import (
 )
 from perlhf.data.loading import (
     Splits,
+    check_counts,
     check_mapped_columns,
     check_text_data_args,
     load_dataset_dict,
+    local_files,
     row_failure,
     source_name,
     tokenizer_name_from,
     train_val_splits,
 )
 from perlhf.data.rollout_utils import right_pad
-from perlhf.data.sampler import EpochSeededSampler
+from perlhf.data.sampler import EpochSeededSampler, ResumableDataLoader
 from perlhf.models import load_tokenizer
 
 Format = Literal["auto", "explicit", "implicit", "conversational", "scored", "tldr", "classifier"]
@@ -84,6 +89,9 @@ class PreferenceDataModule(L.LightningDataModule):
         image_column: Column of each prompt's images (a file path, image bytes or a PIL image, or a
             list of them); None: ``images`` or ``image`` when the data has one. Image data is
             encoded with the processor (``AutoProcessor``) of the tokenizer's model, a VLM.
+        image_root: Folder that image paths in the data are relative to and confined to; None: the
+            folder of the local data files (the working directory for hub data).
+        allow_images_outside_root: Read image paths outside ``image_root`` too (trusted data only).
     """
 
     def __init__(
@@ -107,9 +115,17 @@ class PreferenceDataModule(L.LightningDataModule):
         max_val_samples: int | None = None,
         seed: int = 0,
         image_column: str | None = None,
+        image_root: str | None = None,
+        allow_images_outside_root: bool = False,
     ) -> None:
         super().__init__()
         check_text_data_args(FORMATS, CANONICAL, format, overlong, val_fraction, max_length, columns)
+        check_counts(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            max_train_samples=max_train_samples,
+            max_val_samples=max_val_samples,
+        )
         self.save_hyperparameters()
         self.path, self.data_files, self.name, self.data_dir = path, data_files, name, data_dir
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
@@ -121,10 +137,15 @@ class PreferenceDataModule(L.LightningDataModule):
         self.max_samples = {"train": max_train_samples, "val": max_val_samples}
         self.seed = seed
         self.image_column = image_column
+        self.image_root, self.allow_images_outside_root = image_root, allow_images_outside_root
         self.processor = None  # a VLM's processor, loaded when the data has images
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, Dataset] = {}
         self.num_dropped: dict[str, int] = {}
+        """Rows per split dropped: overlong (``overlong="drop"``), or cut to ``chosen == rejected``."""
+        self.num_truncated: dict[str, int] = {}
+        """Rows per split whose prompt or responses were cut to fit ``max_length``."""
+        self._tally: Counter[str] = Counter()
 
     @property
     def is_pairwise(self) -> bool:
@@ -149,11 +170,12 @@ class PreferenceDataModule(L.LightningDataModule):
                 self.datasets[key] = self._encode_split(key, split, dataset, row_ids)
 
     def train_dataloader(self) -> DataLoader:
-        # Order depends on (seed, epoch) only, so a resumed run sees the epochs it would have seen.
+        # Order depends on (seed, epoch) only and the loader's position is checkpointed, so a run
+        # resumed at any step sees the batches the uninterrupted run would have seen.
         sampler = (
             EpochSeededSampler(self.datasets["train"], seed=self.seed) if "train" in self.datasets else None
         )
-        return self._loader("train", self.batch_size, sampler=sampler)
+        return self._loader("train", self.batch_size, sampler=sampler, loader=ResumableDataLoader)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size)
@@ -164,11 +186,21 @@ class PreferenceDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
-    def _loader(self, key: str, batch_size: int, **kwargs: Any) -> DataLoader:
+    def _loader(
+        self, key: str, batch_size: int, loader: type[DataLoader] = DataLoader, **kwargs: Any
+    ) -> DataLoader:
         if key not in self.datasets:
             raise RuntimeError(f"PreferenceDataModule has no {key} data yet; call setup() first")
         collate = PadCollator(self.tokenizer.pad_token_id, self.processor)
-        return DataLoader(self.datasets[key], batch_size=batch_size, collate_fn=collate, **kwargs)
+        # A private generator: starting an epoch must not draw from the global one (dropout's), or a
+        # resumed run's random stream would drift from the uninterrupted run's.
+        return loader(
+            self.datasets[key],
+            batch_size=batch_size,
+            collate_fn=collate,
+            generator=torch.Generator(),
+            **kwargs,
+        )
 
     def _load(self) -> DatasetDict:
         return load_dataset_dict(self.path, self.data_files, self.name, self.data_dir, "preference dataset")
@@ -217,6 +249,7 @@ class PreferenceDataModule(L.LightningDataModule):
     def _encode_split(self, key: str, split: str, dataset: Dataset, row_ids: list[int] | None) -> Dataset:
         view = self._resolve_columns(split, dataset)
         image_column = self._image_column(split, dataset)
+        self._tally = Counter()
         if self.is_pairwise:
             outputs = ["chosen_input_ids", "rejected_input_ids"] + (["margin"] if "margin" in view else [])
         else:
@@ -233,7 +266,9 @@ class PreferenceDataModule(L.LightningDataModule):
                 images = None
                 if image_column is not None:
                     where = f"{self._where(split)} row {row_id}, column {image_column!r}"
-                    images = row_images(batch[image_column][i], where)
+                    images = row_images(
+                        batch[image_column][i], where, self._image_root(), self.allow_images_outside_root
+                    )
                 try:
                     example = to_example(self.format, row, self.tokenizer, self.response_marker)
                     encoded = self._encode(example, images)
@@ -253,9 +288,12 @@ class PreferenceDataModule(L.LightningDataModule):
             desc=f"Tokenizing {key}",
         )
         self.num_dropped[key] = len(dataset) - len(encoded)
+        self.num_truncated[key] = self._tally["truncated"]
         rank_zero_info(
-            f"{self._where(split)} ({key}, format {self.format}): {len(encoded)} examples, "
-            f"{self.num_dropped[key]} dropped for exceeding max_length={self.max_length}"
+            f"{self._where(split)} ({key}, format {self.format}): {len(encoded)} examples; "
+            f"{self._tally['overlong']} dropped for exceeding max_length={self.max_length}, "
+            f"{self._tally['identical']} dropped because truncation left chosen == rejected, "
+            f"{self.num_truncated[key]} truncated"
         )
         if len(encoded) == 0:
             raise ValueError(
@@ -263,6 +301,12 @@ class PreferenceDataModule(L.LightningDataModule):
                 "raise max_length or set overlong='truncate'"
             )
         return encoded
+
+    def _image_root(self) -> Path:
+        if self.image_root is not None:
+            return Path(self.image_root)
+        files = [file for _, file in local_files(self.path, self.data_files)]
+        return Path(os.path.commonpath([f.resolve().parent for f in files])) if files else Path.cwd()
 
     def _image_column(self, split: str, dataset: Dataset) -> str | None:
         """The image column of ``split`` (None: text data); loads the processor when there is one."""
@@ -293,6 +337,7 @@ class PreferenceDataModule(L.LightningDataModule):
             keep = len(prompt)
             if keep >= self.max_length:
                 if self.overlong == "drop":
+                    self._tally["overlong"] += 1
                     return None
                 raise RowError(
                     "prompt",
@@ -308,8 +353,10 @@ class PreferenceDataModule(L.LightningDataModule):
             keep = int(bool(prompt) and tok.bos_token_id is not None and prompt[0] == tok.bos_token_id)
         room = self.max_length - min(len(prompt), keep + 1)  # keep BOS and one prompt token at least
         longest = max(names, key=lambda name: len(responses[name]))
+        cut = False
         if len(responses[longest]) > room:
             if self.overlong == "drop":
+                self._tally["overlong"] += 1
                 return None
             if self.overlong == "error":
                 raise RowError(
@@ -319,9 +366,16 @@ class PreferenceDataModule(L.LightningDataModule):
                     "overlong='drop' (or 'truncate')",
                 )
             responses = {name: ids[:room] for name, ids in responses.items()}
+            if self.is_pairwise and responses["chosen"] == responses["rejected"]:
+                # Cutting a shared long prefix leaves nothing to prefer: a pair with no signal.
+                self._tally["identical"] += 1
+                return None
+            cut = True
         budget = self.max_length - max(len(ids) for ids in responses.values())
         if len(prompt) > budget:
             prompt = prompt[:keep] + prompt[len(prompt) - budget + keep :]
+            cut = True
+        self._tally["truncated"] += cut
         if not self.is_pairwise:
             encoded = {"input_ids": prompt + responses["response"], "labels": example["label"]}
         else:

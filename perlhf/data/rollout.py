@@ -455,7 +455,7 @@ class RolloutDataModule(L.LightningDataModule):
         if not self.prompts:
             raise RuntimeError("RolloutDataModule has no prompts yet; call setup() first")
         # Generation runs on the accelerator, in the main process.
-        return DataLoader(dataset, batch_size=None, num_workers=0)
+        return DataLoader(dataset, batch_size=None, num_workers=0, generator=torch.Generator())
 
     def _train_rollout(self, _: int) -> Batch:
         prompts = [self.prompts["train"][i] for i in self.train_indices(self.rollouts_drawn)]

@@ -1,11 +1,13 @@
-"""Shuffling that survives a resume."""
+"""Shuffling and loader positions that survive a resume."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+from collections.abc import Iterable, Iterator, Sized
+from itertools import islice
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -30,3 +32,70 @@ class EpochSeededSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class _Skipped:
+    """The batches of ``batches`` (a batch sampler) after the first ``skip``; index lists only, so
+    skipping loads no data."""
+
+    def __init__(self, batches: Iterable[list[int]], skip: int) -> None:
+        self.batches, self.skip = batches, skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return islice(iter(self.batches), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(len(self.batches) - self.skip, 0)
+
+
+class ResumableDataLoader(DataLoader):
+    """A map-style ``DataLoader`` whose position in the epoch is part of the checkpoint.
+
+    Lightning saves ``state_dict()`` of stateful training loaders with the fit loop and calls
+    ``load_state_dict`` before iterating again, so a run resumed from a mid-epoch checkpoint
+    continues with the batch the interrupted run would have trained next. The epoch's order comes
+    from the sampler (``EpochSeededSampler``: ``set_epoch`` is Lightning's), so the state is only
+    the number of batches handed out this epoch; on resume their indices are skipped in the batch
+    sampler, before any worker loads data. ``persistent_workers`` is not supported (the workers
+    would keep the old index stream).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.persistent_workers:
+            raise ValueError("ResumableDataLoader does not support persistent_workers=True")
+        self.batches_yielded = 0
+        self._skip_next = 0
+        self._skip_now = 0
+
+    @property
+    def _index_sampler(self) -> Any:
+        sampler = super()._index_sampler
+        if not self._skip_now:
+            return sampler
+        if not self._auto_collation:
+            raise ValueError("ResumableDataLoader needs batched loading (batch_size or batch_sampler)")
+        return _Skipped(sampler, self._skip_now)
+
+    def __iter__(self) -> Iterator[Any]:
+        self._skip_now, self._skip_next = self._skip_next, 0
+        self.batches_yielded = self._skip_now
+        try:
+            iterator = super().__iter__()
+        finally:
+            self._skip_now = 0
+        for batch in iterator:
+            self.batches_yielded += 1
+            yield batch
+
+    def __len__(self) -> int:
+        return len(super()._index_sampler)
+
+    def state_dict(self) -> dict[str, int]:
+        """Batches handed out in the current epoch (0 once the epoch is complete)."""
+        done = self.batches_yielded >= len(self)
+        return {"batches_yielded": 0 if done else self.batches_yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip_next = int(state["batches_yielded"])
+        self.batches_yielded = self._skip_next

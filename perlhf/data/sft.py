@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from perlhf.data.formats import RowError, _response, _string
 from perlhf.data.loading import (
+    check_counts,
     check_mapped_columns,
     check_text_data_args,
     load_dataset_dict,
@@ -29,7 +30,7 @@ from perlhf.data.loading import (
     train_val_splits,
 )
 from perlhf.data.rollout_utils import encode, right_pad
-from perlhf.data.sampler import EpochSeededSampler
+from perlhf.data.sampler import EpochSeededSampler, ResumableDataLoader
 from perlhf.models import load_tokenizer
 
 Format = Literal["auto", "prompt_completion", "conversational", "text"]
@@ -141,6 +142,12 @@ class SFTDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         check_text_data_args(SFT_FORMATS, SFT_CANONICAL, format, overlong, val_fraction, max_length, columns)
+        check_counts(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            max_train_samples=max_train_samples,
+            max_val_samples=max_val_samples,
+        )
         self.save_hyperparameters()
         self.path, self.data_files, self.name, self.data_dir = path, data_files, name, data_dir
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
@@ -183,11 +190,12 @@ class SFTDataModule(L.LightningDataModule):
                 self.datasets[key] = self._encode_split(key, split, dataset, row_ids)
 
     def train_dataloader(self) -> DataLoader:
-        # Order depends on (seed, epoch) only, so a resumed run sees the epochs it would have seen.
+        # Order depends on (seed, epoch) only and the loader's position is checkpointed, so a run
+        # resumed at any step sees the batches the uninterrupted run would have seen.
         sampler = (
             EpochSeededSampler(self.datasets["train"], seed=self.seed) if "train" in self.datasets else None
         )
-        return self._loader("train", self.batch_size, sampler=sampler)
+        return self._loader("train", self.batch_size, sampler=sampler, loader=ResumableDataLoader)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size)
@@ -195,11 +203,21 @@ class SFTDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
-    def _loader(self, key: str, batch_size: int, **kwargs: Any) -> DataLoader:
+    def _loader(
+        self, key: str, batch_size: int, loader: type[DataLoader] = DataLoader, **kwargs: Any
+    ) -> DataLoader:
         if key not in self.datasets:
             raise RuntimeError(f"SFTDataModule has no {key} data yet; call setup() first")
         collate = SFTCollator(self.tokenizer.pad_token_id)
-        return DataLoader(self.datasets[key], batch_size=batch_size, collate_fn=collate, **kwargs)
+        # A private generator: starting an epoch must not draw from the global one (dropout's), or a
+        # resumed run's random stream would drift from the uninterrupted run's.
+        return loader(
+            self.datasets[key],
+            batch_size=batch_size,
+            collate_fn=collate,
+            generator=torch.Generator(),
+            **kwargs,
+        )
 
     def _load(self) -> DatasetDict:
         return load_dataset_dict(self.path, self.data_files, self.name, self.data_dir, "SFT dataset")

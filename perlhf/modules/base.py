@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import random
 from dataclasses import asdict, is_dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from perlhf.checkpointing import DurableCheckpoints
+from perlhf.guards import NonFiniteGuard, check_finite
 from perlhf.models import ModelConfig, count_parameters
 
 WRAPPED_FSDP = "_fsdp_wrapped_module."
@@ -68,6 +72,8 @@ class TrainableOnlyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = pinned_paths(checkpoint["hyper_parameters"])
         # Dropout draws from the global generators; restoring them makes a resumed run take the
         # same steps as an uninterrupted one.
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
@@ -85,12 +91,24 @@ class TrainableOnlyModule(L.LightningModule):
                 f"(unexpected: {sorted(unexpected)[:5]}, missing: {sorted(missing)[:5]}); was it "
                 "written with a different finetune mode, LoRA rank or target_modules?"
             )
-        rng = checkpoint.get("rng_states")
+        # Restored when training starts, after whatever the resume itself draws (sanity checks).
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        rng, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
         if rng:
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
             if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Every perlhf module runs with the non-finite guard and durable checkpoints."""
+        return [NonFiniteGuard(), DurableCheckpoints()]
+
+    def check_finite(self, quantity: str, tensor: torch.Tensor) -> None:
+        """Stop the run, checkpointing the last good state, unless ``tensor`` is finite everywhere."""
+        check_finite(self, quantity, tensor)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -110,6 +128,37 @@ class TrainableOnlyModule(L.LightningModule):
             f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters "
             f"({100 * trainable / max(total, 1):.2f}%)"
         )
+
+
+LOCAL_PATH_KEYS = ("name_or_path", "tokenizer", "value_model", "reference_model")
+"""Hyperparameters that may name a local model folder."""
+
+
+def pinned_paths(hparams: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``hparams`` whose local model folders are absolute (symlinks resolved), so that
+    ``load_from_checkpoint`` works from any working directory and on the exact base it trained on."""
+    out = copy.deepcopy(dict(hparams))
+    for tree in (out, out.get("model")):
+        if not isinstance(tree, dict):
+            continue
+        for key in LOCAL_PATH_KEYS:
+            value = tree.get(key)
+            if isinstance(value, str) and value and Path(value).exists():
+                tree[key] = str(Path(value).resolve())
+    return out
+
+
+def check_training_config(model: ModelConfig, optimizer: OptimizerCallable) -> None:
+    """Construction-time checks of what ``ModelConfig`` and torch would only reject mid-run:
+    the LoRA dropout and scale, and the optimiser's arguments (built once on a dummy tensor)."""
+    if not 0.0 <= model.lora.dropout < 1.0:
+        raise ValueError(f"model.lora.dropout must be in [0, 1), got {model.lora.dropout}")
+    if model.lora.alpha <= 0:
+        raise ValueError(f"model.lora.alpha must be > 0, got {model.lora.alpha}")
+    try:
+        optimizer([torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"optimizer: {err} (model.init_args.optimizer.init_args)") from err
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:

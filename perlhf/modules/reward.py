@@ -15,7 +15,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from perlhf.data.images import load_processor
 from perlhf.losses import classifier_loss, pairwise_loss
 from perlhf.models import ModelConfig, build_reward_model, load_tokenizer
-from perlhf.modules.base import TrainableOnlyModule, default_optimizer
+from perlhf.modules.base import TrainableOnlyModule, check_training_config, default_optimizer
 from perlhf.vlm import VisionRewardModel
 
 Batch = dict[str, torch.Tensor]
@@ -53,6 +53,7 @@ class RewardModule(TrainableOnlyModule):
         if objective not in ("pairwise", "classifier"):
             raise ValueError(f"objective must be 'pairwise' or 'classifier', got {objective!r}")
         model = ModelConfig.coerce(model)
+        check_training_config(model, optimizer)
         self.save_plain_hyperparameters()
         self.config = model
         self.objective = objective
@@ -140,7 +141,9 @@ class RewardModule(TrainableOnlyModule):
             )
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train")
+        self.check_finite("loss", loss)
+        return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._shared_step(batch, "val")

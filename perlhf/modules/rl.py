@@ -17,8 +17,9 @@ from torch import nn
 
 from perlhf import losses
 from perlhf.data.images import combine_vision, load_processor
+from perlhf.guards import check_finite
 from perlhf.models import ModelConfig, build_causal_lm, checkpointing_in_eval, load_tokenizer
-from perlhf.modules.base import TrainableOnlyModule, default_optimizer
+from perlhf.modules.base import TrainableOnlyModule, check_training_config, default_optimizer
 from perlhf.modules.policy import (
     NEUTRAL_SAMPLING,
     POLICY,
@@ -42,10 +43,6 @@ from perlhf.utils import peak_memory_mb
 from perlhf.vlm import is_vision_language
 
 Batch = dict[str, Any]
-
-
-class NonFiniteError(FloatingPointError):
-    """A NaN/inf appeared in a training quantity; the last good state was checkpointed."""
 
 
 class PPOModule(TrainableOnlyModule):
@@ -93,6 +90,7 @@ class PPOModule(TrainableOnlyModule):
     ) -> None:
         super().__init__()
         model = ModelConfig.coerce(model)
+        check_training_config(model, optimizer)
         ppo = ppo if isinstance(ppo, PPOSpec) else PPOSpec(**(ppo or {}))
         kl = kl if isinstance(kl, KLSpec) else KLSpec(**(kl or {}))
         if algorithm not in ("ppo", "reinforce", "rloo", "grpo"):
@@ -497,24 +495,10 @@ class PPOModule(TrainableOnlyModule):
         self.logger.experiment.add_text("train/samples", "\n".join(rows), self.rollout_step)
 
     def _check_finite(self, name: str, tensor: torch.Tensor) -> None:
-        """Raise ``NonFiniteError`` (after checkpointing) if ``tensor`` is not finite on any rank;
-        the decision is shared, so all ranks save the collective checkpoint and stop together."""
-        finite = bool(torch.isfinite(tensor).all())
-        if self._trainer is not None and self.trainer.world_size > 1:
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if finite:
-            return
-        path = (
-            Path(self.trainer.log_dir or self.trainer.default_root_dir)
-            / "nan-guard"
-            / f"rollout-{self.rollout_step}.ckpt"
-        )
-        self.trainer.save_checkpoint(path)
-        raise NonFiniteError(
-            f"non-finite {name} at rollout step {self.rollout_step} (optimiser step {self.global_step}); "
-            f"the last good state is saved at {path} — resume with --ckpt_path after fixing the cause "
-            "(learning rate, reward scale, precision)"
-        )
+        """Stop unless ``tensor`` is finite on every rank (``perlhf.guards``); the last good state
+        is saved as ``nan-guard/rollout-<n>.ckpt`` and all ranks stop together."""
+        where = f"rollout step {self.rollout_step} (optimiser step {self.global_step})"
+        check_finite(self, name, tensor, where=where, save_as=f"rollout-{self.rollout_step}.ckpt")
 
     # ----------------------------------------------------------------------------- state, export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

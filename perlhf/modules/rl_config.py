@@ -44,6 +44,17 @@ class PPOSpec:
             raise ValueError(
                 f"ppo.loss_aggregation must be 'grpo', 'dr_grpo' or 'dapo', got {self.loss_aggregation!r}"
             )
+        checks = {
+            "cliprange": (self.cliprange > 0, "> 0"),
+            "cliprange_value": (self.cliprange_value is None or self.cliprange_value > 0, "> 0 or null"),
+            "vf_coef": (self.vf_coef >= 0, ">= 0"),
+            "gamma": (0 <= self.gamma <= 1, "in [0, 1]"),
+            "lam": (0 <= self.lam <= 1, "in [0, 1]"),
+            "max_grad_norm": (self.max_grad_norm is None or self.max_grad_norm > 0, "> 0 or null"),
+        }
+        for name, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(f"ppo.{name} must be {allowed}, got {getattr(self, name)}")
 
 
 @dataclass
@@ -76,6 +87,14 @@ class KLSpec:
                 "KL(π‖π_ref) (the policy gradient drops E[∇k], which is 0 only for k1); use "
                 "estimator: k1 with penalty: reward, or penalty: loss"
             )
+        checks = {
+            "coef": (self.coef >= 0, ">= 0"),
+            "target": (self.target > 0, "> 0"),
+            "horizon": (self.horizon >= 1, ">= 1"),
+        }
+        for name, (ok, allowed) in checks.items():
+            if not ok:
+                raise ValueError(f"kl.{name} must be {allowed}, got {getattr(self, name)}")
 
 
 class KLController:

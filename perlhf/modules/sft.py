@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics import SumMetric
 
 from perlhf.models import ModelConfig, build_causal_lm, load_tokenizer
-from perlhf.modules.base import TrainableOnlyModule, default_optimizer
+from perlhf.modules.base import TrainableOnlyModule, check_training_config, default_optimizer
 
 Batch = dict[str, torch.Tensor]
 IGNORE_INDEX = -100
@@ -49,6 +49,7 @@ class SFTModule(TrainableOnlyModule):
     ) -> None:
         super().__init__()
         model = ModelConfig.coerce(model)
+        check_training_config(model, optimizer)
         self.save_plain_hyperparameters()
         self.config = model
         self.optimizer = optimizer
@@ -87,6 +88,7 @@ class SFTModule(TrainableOnlyModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss_sum, tokens, correct = self.token_sums(batch)
         loss = loss_sum / tokens.clamp(min=1)
+        self.check_finite("loss", loss)
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
         self.log(
