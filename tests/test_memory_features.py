@@ -291,7 +291,7 @@ def test_quantization_without_cuda_raises_a_clear_error(tiny_model_dir: Path) ->
         lambda: build_reward_model(cfg, pad_token_id=1),
         lambda: build_causal_lm(cfg),
         lambda: frozen_causal_lm(cfg, str(tiny_model_dir)),  # a separate reference policy
-        lambda: PPOModule(cfg, algorithm="reinforce").configure_model(),
+        lambda: PPOModule(cfg, algorithm="reinforce", ppo=PPOSpec(epochs=1)).configure_model(),
     ):
         with pytest.raises(ValueError, match=message):
             build()

@@ -17,6 +17,7 @@ from helpers import quiet_trainer
 from perlhf.import_gguf import SMOLLM2_INSTALL, import_gguf, smollm2_gguf
 from perlhf.models import LoraSpec, ModelConfig, load_pretrained
 from perlhf.modules import PPOModule, RewardModule
+from perlhf.modules.rl_config import PPOSpec
 
 pytestmark = [
     pytest.mark.real,
@@ -81,7 +82,9 @@ def test_answers_like_the_instruct_model(plain) -> None:
 
 def policy_module(smollm2: Path, targets: str | None = None) -> PPOModule:
     lora = LoraSpec(r=4, alpha=8, dropout=0.0, target_modules=targets)
-    module = PPOModule(ModelConfig(name_or_path=str(smollm2), lora=lora), algorithm="reinforce")
+    module = PPOModule(
+        ModelConfig(name_or_path=str(smollm2), lora=lora), algorithm="reinforce", ppo=PPOSpec(epochs=1)
+    )
     module.configure_model()
     return module
 

@@ -27,6 +27,7 @@ from torch.distributed.fsdp import StateDictType
 from perlhf.cli import cli_main
 from perlhf.models import LoraSpec, ModelConfig
 from perlhf.modules import PPOModule, RewardModule
+from perlhf.modules.rl_config import PPOSpec
 from perlhf.strategies import (
     HFDeepSpeedStrategy,
     fsdp_strategy,
@@ -167,7 +168,7 @@ def _module(kind: str, path: Path, finetune: str = "lora") -> L.LightningModule:
     module = (
         RewardModule(_config(path, finetune))
         if kind == "reward"
-        else PPOModule(_config(path, finetune), algorithm="reinforce")
+        else PPOModule(_config(path, finetune), algorithm="reinforce", ppo=PPOSpec(epochs=1))
     )
     module.configure_model()
     return module
