@@ -71,8 +71,9 @@ class PerlhfCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         """Checks that need both the module and the DataModule, before any model is loaded."""
-        algorithm = getattr(self.model, "algorithm", None)
-        samples = getattr(self.datamodule, "samples_per_prompt", None)
+        # getattr: a caller may skip instantiation (parse-only tools), leaving neither attribute.
+        algorithm = getattr(getattr(self, "model", None), "algorithm", None)
+        samples = getattr(getattr(self, "datamodule", None), "samples_per_prompt", None)
         if algorithm in ("rloo", "grpo") and samples is not None and samples < 2:
             raise ValueError(
                 f"model.init_args.algorithm={algorithm!r} needs data.init_args.samples_per_prompt >= 2 "
