@@ -89,6 +89,11 @@ class LoraSpec:
     """DoRA: learn a magnitude vector beside the low-rank direction update (peft ``use_dora``)."""
     use_rslora: bool = False
     """rsLoRA: scale by ``alpha / sqrt(r)`` instead of ``alpha / r`` (stable across ranks)."""
+    layers: int | list[int] | None = None
+    """Which transformer blocks get adapters. None: all. An int ``n``: the top ``n`` blocks only;
+    the gradient then stops below them, so the backward pass and its stored activations shrink
+    to those blocks (without gradient checkpointing). A list: those block indices (peft
+    ``layers_to_transform``). Needs ``target_modules`` as a preset or a list of names."""
     init: bool | str = True
     """peft ``init_lora_weights``: True (B = 0, so a fresh adapter is the identity), ``"gaussian"``,
     ``"pissa"``, ``"olora"``…"""
@@ -466,8 +471,15 @@ def _finish(
         # harmless with the non-reentrant kind); recent transformers already hook it on enabling.
         if not getattr(model, "_require_grads_hooks", None):
             model.enable_input_require_grads()
+    layers = adapted_layers(model, cfg.lora.layers)
+    if layers is not None and isinstance(targets, str):
+        raise ValueError(
+            "model.lora.layers needs model.lora.target_modules as a preset or a list of module names, "
+            f"not the regex {targets!r}"
+        )
     lora = LoraConfig(
         task_type=task_type,
+        layers_to_transform=layers,
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
@@ -477,6 +489,21 @@ def _finish(
         init_lora_weights=cfg.lora.init,
     )
     return get_peft_model(model, lora, adapter_name=adapter_name)
+
+
+def adapted_layers(model: PreTrainedModel, layers: int | list[int] | None) -> list[int] | None:
+    """Block indices of ``LoraSpec.layers`` (None: every block)."""
+    if layers is None:
+        return None
+    n = model.config.get_text_config().num_hidden_layers
+    if isinstance(layers, int):
+        if not 1 <= layers <= n:
+            raise ValueError(f"model.lora.layers={layers}: the model has {n} blocks; use 1..{n} (the top n)")
+        return list(range(n - layers, n))
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or not layers:
+        raise ValueError(f"model.lora.layers {list(layers)}: block indices must lie in 0..{n - 1}, non-empty")
+    return sorted(set(layers))
 
 
 def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ DATA = {
     "val_prompts": 48,
     "samples_per_prompt": 4,
     "pairs_per_prompt": 3,
-    "bt_temperature": 0.2,
+    "bt_temperature": 0.1,
     "max_new_tokens": 40,
     "temperature": 1.0,
 }
@@ -54,6 +54,8 @@ def prepare(root: str | Path = DEFAULT_ROOT, seed: int = 0, force: bool = False)
     """Import the model and write the task's data under ``root`` (each skipped if present):
 
     - ``smollm2-135m-instruct/``: the imported model (safetensors, tokenizer, chat template);
+    - ``data/samples/{train,val}.jsonl``: the starting policy's sampled answers per prompt (train
+      and held-out topics), from which the pairs are made;
     - ``data/preference/{train,val}.jsonl``: conversational pairs of sampled answers, train
       topics labelled through Bradley–Terry noise, held-out topics labelled without noise;
     - ``data/prompts.jsonl`` (RL, train topics) and ``data/heldout_prompts.jsonl``.
@@ -71,13 +73,13 @@ def prepare(root: str | Path = DEFAULT_ROOT, seed: int = 0, force: bool = False)
     for path, split in prompt_files.items():
         if force or not path.exists():
             write_jsonl(({"prompt": p} for p in sentiment.prompt_pool(split)), path)
-    pairs = {data / "preference" / "train.jsonl": "train", data / "preference" / "val.jsonl": "heldout"}
-    if force or not all(p.exists() for p in pairs):
+    samples = {data / "samples" / "train.jsonl": "train", data / "samples" / "val.jsonl": "heldout"}
+    if force or not all(p.exists() for p in samples):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        for i, (path, split) in enumerate(pairs.items()):
+        for i, (path, split) in enumerate(samples.items()):
             t0 = time.perf_counter()
             n_prompts = DATA["train_prompts" if split == "train" else "val_prompts"]
             prompts = sentiment.prompt_pool(split)
@@ -92,13 +94,26 @@ def prepare(root: str | Path = DEFAULT_ROOT, seed: int = 0, force: bool = False)
                 DATA["temperature"],
                 seed=seed + i,
             )
-            noise = DATA["bt_temperature"] if split == "train" else 0.0
-            rows = sentiment.preference_rows(prompts, responses, DATA["pairs_per_prompt"], noise, seed + i)
-            n = write_jsonl(rows, path)
+            rows = ({"prompt": p, "responses": r} for p, r in zip(prompts, responses, strict=True))
+            write_jsonl(rows, path)
             print(
-                f"{path}: {n} pairs from {len(prompts)} prompts in {time.perf_counter() - t0:.0f} s",
+                f"{path}: {DATA['samples_per_prompt']} answers to each of {len(prompts)} prompts in "
+                f"{time.perf_counter() - t0:.0f} s",
                 flush=True,
             )
+    for i, (path, split) in enumerate(samples.items()):
+        out = data / "preference" / path.name
+        if force or not out.exists():
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            noise = DATA["bt_temperature"] if split == "train" else 0.0
+            pairs = sentiment.preference_rows(
+                [r["prompt"] for r in rows],
+                [r["responses"] for r in rows],
+                DATA["pairs_per_prompt"],
+                noise,
+                seed + i,
+            )
+            print(f"{out}: {write_jsonl(pairs, out)} pairs", flush=True)
     return root
 
 
