@@ -16,6 +16,7 @@ from perlhf.data.images import load_processor
 from perlhf.losses import classifier_loss, pairwise_loss
 from perlhf.models import ModelConfig, build_reward_model, load_tokenizer
 from perlhf.modules.base import TrainableOnlyModule, check_training_config, default_optimizer
+from perlhf.packing import PackedPairs, pack_pairs
 from perlhf.vlm import VisionRewardModel
 
 Batch = dict[str, torch.Tensor]
@@ -37,6 +38,10 @@ class RewardModule(TrainableOnlyModule):
         model: Backbone, fine-tuning mode and LoRA settings.
         objective: ``pairwise`` (Bradley–Terry on preference pairs) or ``classifier`` (BCE).
         center_coef: Weight of the centre-rewards regulariser ``mean((r_c + r_r)²)``; 0 disables.
+        share_prefix: Pairwise text batches: compute each pair's common token prefix (the prompt)
+            once, as one packed row ``prefix | chosen | rejected`` with a block attention mask and
+            restarted positions (``perlhf.packing``); rewards, loss and gradients equal the
+            unshared path's. Needs ``sdpa`` or ``eager`` attention.
         optimizer: Optimiser over trainable parameters only.
         scheduler: Optional LR scheduler, stepped every optimiser step.
     """
@@ -46,6 +51,7 @@ class RewardModule(TrainableOnlyModule):
         model: ModelConfig,
         objective: Literal["pairwise", "classifier"] = "pairwise",
         center_coef: float = 0.0,
+        share_prefix: bool = False,
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -58,6 +64,7 @@ class RewardModule(TrainableOnlyModule):
         self.config = model
         self.objective = objective
         self.center_coef = center_coef
+        self.share_prefix = share_prefix
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.model: nn.Module | None = None
@@ -81,6 +88,8 @@ class RewardModule(TrainableOnlyModule):
         self.model = build_reward_model(self.config, pad_token_id=self.tokenizer.pad_token_id)
         if isinstance(self.model, VisionRewardModel):
             self.processor = load_processor(self.tokenizer_name_or_path, self.config.trust_remote_code)
+        if self.share_prefix:
+            self._check_packable()
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps the mode it finds
 
     def forward(
@@ -90,12 +99,69 @@ class RewardModule(TrainableOnlyModule):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **vision).logits
         return logits.squeeze(-1).float()
 
+    def _check_packable(self) -> None:
+        if isinstance(self.model, VisionRewardModel):
+            raise ValueError(
+                "model.share_prefix: not supported for vision-language reward models; set it to false"
+            )
+        impl = self._sequence_classifier().config._attn_implementation
+        if impl not in ("sdpa", "eager"):
+            raise ValueError(
+                f"model.share_prefix needs attention that takes a 4D mask (sdpa or eager), not {impl!r}; "
+                "set model.model.attn_implementation: sdpa, or share_prefix: false"
+            )
+
+    def _sequence_classifier(self) -> nn.Module:
+        """The transformers ``*ForSequenceClassification`` model inside any peft wrapper."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def packed_rewards(self, packed: PackedPairs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen and rejected rewards ``(B,)`` each (float32) from packed pairs: one pass over
+        ``prefix | chosen | rejected`` rows, scored at each tail's last token."""
+        classifier = self._sequence_classifier()
+        body = getattr(classifier, classifier.base_model_prefix)
+        eager = classifier.config._attn_implementation == "eager"
+        mask = packed.attention_mask(body.dtype if eager else None)
+        hidden = body(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids)
+        last = hidden.last_hidden_state  # (B, L, H)
+        rows = torch.arange(last.shape[0], device=last.device)[:, None]
+        rewards = classifier.score(last[rows, packed.ends]).squeeze(-1).float()  # (B, 2)
+        return rewards[:, 0], rewards[:, 1]
+
+    def pair_rewards(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen and rejected rewards ``(B,)`` of a pairwise batch, packed when ``share_prefix``."""
+        packed = self._pack(batch)
+        if packed is not None:
+            return self.packed_rewards(packed)
+        rewards = self(batch["input_ids"], batch["attention_mask"], **batch.get("vision", {}))
+        chosen, rejected = rewards.chunk(2)
+        return chosen, rejected
+
+    def _pack(self, batch: Batch) -> PackedPairs | None:
+        if not self.share_prefix or "vision" in batch:
+            return None
+        return pack_pairs(batch["input_ids"], batch["attention_mask"], self.tokenizer.pad_token_id)
+
     def _shared_step(self, batch: Batch, stage: str) -> torch.Tensor:
         self._check_batch(batch)
-        rewards = self(batch["input_ids"], batch["attention_mask"], **batch.get("vision", {}))
+        on_step = stage == "train"
+        packed = self._pack(batch) if self.objective == "pairwise" else None
+        if packed is not None:
+            chosen, rejected = self.packed_rewards(packed)
+            rewards = torch.cat([chosen, rejected])
+            fraction = packed.tokens / packed.unshared_tokens  # tokens computed per unshared token
+            self.log(
+                f"{stage}/packed_token_fraction",
+                fraction,
+                on_step=on_step,
+                on_epoch=True,
+                batch_size=len(chosen),
+            )
+        else:
+            rewards = self(batch["input_ids"], batch["attention_mask"], **batch.get("vision", {}))
+            chosen, rejected = rewards.chunk(2) if self.objective == "pairwise" else (rewards, rewards)
         metrics = self.metrics[f"{stage}_"]
         if self.objective == "pairwise":
-            chosen, rejected = rewards.chunk(2)
             loss = pairwise_loss(chosen, rejected, batch.get("margin"), self.center_coef)
             values = {
                 "accuracy": (chosen > rejected).float(),
@@ -113,7 +179,6 @@ class RewardModule(TrainableOnlyModule):
             metrics["reward"].update(rewards.detach())
             if "auroc" in metrics:
                 metrics["auroc"].update(probs, labels.long())
-        on_step = stage == "train"
         self.log(
             f"{stage}/loss",
             loss,
@@ -153,11 +218,10 @@ class RewardModule(TrainableOnlyModule):
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Rewards per example: ``chosen``/``rejected`` ``(B,)`` for pairs, ``rewards`` otherwise."""
-        rewards = self(batch["input_ids"], batch["attention_mask"], **batch.get("vision", {}))
         if self.objective == "pairwise" and "labels" not in batch:
-            chosen, rejected = rewards.chunk(2)
+            chosen, rejected = self.pair_rewards(batch)
             return {"chosen": chosen, "rejected": rejected}
-        return {"rewards": rewards}
+        return {"rewards": self(batch["input_ids"], batch["attention_mask"], **batch.get("vision", {}))}
 
     def save_pretrained(self, path: str | Path, merged: bool = False) -> Path:
         """Export in Hugging Face format: a peft adapter folder (with the score head), or with
