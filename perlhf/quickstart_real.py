@@ -41,7 +41,7 @@ DATA = {
     "train_prompts": 160,
     "val_prompts": 48,
     "samples_per_prompt": 4,
-    "pairs_per_prompt": 3,
+    "pairs_per_prompt": 6,
     "bt_temperature": 0.1,
     "max_new_tokens": 40,
     "temperature": 1.0,

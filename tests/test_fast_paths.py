@@ -79,7 +79,13 @@ def test_shared_prefix_equals_unshared(
     model_dir = tiny_model_dir if arch == "gpt2" else tiny_llama
     files = {"train": str(preference_dir / "train.jsonl"), "test": str(preference_dir / "val.jsonl")}
     data = PreferenceDataModule(
-        path="json", data_files=files, tokenizer=str(model_dir), max_length=64, batch_size=8
+        path="json",
+        data_files=files,
+        tokenizer=str(model_dir),
+        max_length=64,
+        batch_size=8,
+        max_train_samples=16,
+        max_val_samples=8,
     )
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))

@@ -142,26 +142,29 @@ class RewardModule(TrainableOnlyModule):
             return None
         return pack_pairs(batch["input_ids"], batch["attention_mask"], self.tokenizer.pad_token_id)
 
+    def _batch_rewards(self, batch: Batch, stage: str) -> torch.Tensor:
+        """Rewards ``(N,)`` of a batch's rows (pairwise: chosen then rejected), packed when
+        ``share_prefix`` (logging the share of tokens computed)."""
+        packed = self._pack(batch) if self.objective == "pairwise" else None
+        if packed is None:
+            return self(batch["input_ids"], batch["attention_mask"], **batch.get("vision", {}))
+        chosen, rejected = self.packed_rewards(packed)
+        fraction = packed.tokens / packed.unshared_tokens  # tokens computed per unshared token
+        self.log(
+            f"{stage}/packed_token_fraction",
+            fraction,
+            on_step=stage == "train",
+            on_epoch=True,
+            batch_size=len(chosen),
+        )
+        return torch.cat([chosen, rejected])
+
     def _shared_step(self, batch: Batch, stage: str) -> torch.Tensor:
         self._check_batch(batch)
-        on_step = stage == "train"
-        packed = self._pack(batch) if self.objective == "pairwise" else None
-        if packed is not None:
-            chosen, rejected = self.packed_rewards(packed)
-            rewards = torch.cat([chosen, rejected])
-            fraction = packed.tokens / packed.unshared_tokens  # tokens computed per unshared token
-            self.log(
-                f"{stage}/packed_token_fraction",
-                fraction,
-                on_step=on_step,
-                on_epoch=True,
-                batch_size=len(chosen),
-            )
-        else:
-            rewards = self(batch["input_ids"], batch["attention_mask"], **batch.get("vision", {}))
-            chosen, rejected = rewards.chunk(2) if self.objective == "pairwise" else (rewards, rewards)
+        rewards = self._batch_rewards(batch, stage)
         metrics = self.metrics[f"{stage}_"]
         if self.objective == "pairwise":
+            chosen, rejected = rewards.chunk(2)
             loss = pairwise_loss(chosen, rejected, batch.get("margin"), self.center_coef)
             values = {
                 "accuracy": (chosen > rejected).float(),
@@ -179,6 +182,7 @@ class RewardModule(TrainableOnlyModule):
             metrics["reward"].update(rewards.detach())
             if "auroc" in metrics:
                 metrics["auroc"].update(probs, labels.long())
+        on_step = stage == "train"
         self.log(
             f"{stage}/loss",
             loss,
