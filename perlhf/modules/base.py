@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import copy
 import inspect
 import random
@@ -21,8 +22,9 @@ WRAPPED_FSDP = "_fsdp_wrapped_module."
 WRAPPED_CHECKPOINT = "_checkpoint_wrapped_module."
 
 
-class TrainableOnlyModule(L.LightningModule):
-    """Base for modules whose checkpoints hold only what was trained.
+class TrainableOnlyModule(L.LightningModule, abc.ABC):
+    """Base for modules whose checkpoints hold only what was trained (abstract: the CLI lists only
+    the concrete modules as ``--model`` choices).
 
     A LoRA run's default Lightning checkpoint would carry the frozen backbone (gigabytes); here
     ``state_dict`` entries of frozen parameters are dropped on save, and loading checks that every
@@ -42,6 +44,14 @@ class TrainableOnlyModule(L.LightningModule):
         super().__init__()
         # Frozen tensors are absent from our checkpoints by design; on_load_checkpoint checks the rest.
         self.strict_loading = False
+
+    @abc.abstractmethod
+    def configure_model(self) -> None:
+        """Build the networks once (idempotent), so strategies and precision plugins control it."""
+
+    @abc.abstractmethod
+    def save_pretrained(self, path: str | Path, merged: bool = False) -> Path:
+        """Export in Hugging Face format (a peft adapter folder, or ``merged`` weights)."""
 
     @property
     def tokenizer_name_or_path(self) -> str:
@@ -162,4 +172,5 @@ def check_training_config(model: ModelConfig, optimizer: OptimizerCallable) -> N
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    """AdamW, lr 1e-4, weight decay 0.01 (torch's other defaults)."""
     return torch.optim.AdamW(params, lr=1e-4)
