@@ -22,7 +22,7 @@ import perlhf.callbacks  # noqa: F401  (registers callbacks for short names in c
 import perlhf.data  # noqa: F401  (registers DataModules)
 import perlhf.modules  # noqa: F401  (registers LightningModules)
 from perlhf.checkpointing import unreadable_checkpoint
-from perlhf.stages import last_checkpoint, missing_inputs
+from perlhf.stages import StageOrderError, last_checkpoint, missing_inputs
 
 PIPELINES = {
     "quickstart": "perlhf.quickstart",
@@ -107,7 +107,7 @@ class PerlhfCLI(LightningCLI):
         files = [str(p) for p in self.config[subcommand].get("config") or []]
         problem = missing_inputs(self._dumped(subcommand), files)
         if problem:
-            raise FileNotFoundError(problem)
+            raise StageOrderError(problem)
 
     def after_instantiate_classes(self) -> None:
         """Checks that need both the module and the DataModule, before any model is loaded."""
@@ -240,7 +240,10 @@ def main(args: list[str] | None = None) -> None:
     if given and given[0] in PIPELINES:
         importlib.import_module(PIPELINES[given[0]]).main(given[1:])
         return
-    cli_main(args)
+    try:
+        cli_main(args)
+    except StageOrderError as err:  # a message for the user, not a traceback
+        raise SystemExit(f"perlhf: {err}") from None
 
 
 if __name__ == "__main__":

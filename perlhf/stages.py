@@ -24,6 +24,10 @@ PREPARE_STEPS = {
 }
 """Default roots of the built-in pipelines -> the command that writes their models and data."""
 
+class StageOrderError(FileNotFoundError):
+    """A stage was started before the stage (or prepare step) that writes its inputs."""
+
+
 MODEL_PATHS = ("model.name_or_path", "model.tokenizer", "policy_adapter", "reference_model", "value_model")
 """``model.init_args`` keys that may name a local model folder."""
 DATA_PATHS = ("reward_model", "reward_base", "tokenizer", "path", "data_files")
