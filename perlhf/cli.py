@@ -38,7 +38,7 @@ DESCRIPTION = (
 )
 NESTED_HELP = re.compile(r"--(model|data)\.(?:init_args\.)?(\w+)\.help")
 
-APPLIED_ON_RESUME = ("center_coef", "ppo.", "log_samples_every")
+APPLIED_ON_RESUME = ("center_coef", "ppo.", "log_samples_every", "max_rollouts")
 """Module arguments (dotted) that a resumed run may change: read afresh at every step."""
 
 

@@ -24,6 +24,7 @@ PREPARE_STEPS = {
 }
 """Default roots of the built-in pipelines -> the command that writes their models and data."""
 
+
 class StageOrderError(FileNotFoundError):
     """A stage was started before the stage (or prepare step) that writes its inputs."""
 
