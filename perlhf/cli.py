@@ -15,7 +15,7 @@ from typing import Any
 import lightning.pytorch as L
 import torch
 import yaml
-from jsonargparse import DefaultHelpFormatter, set_parsing_settings
+from jsonargparse import DefaultHelpFormatter, Namespace, set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import perlhf.callbacks  # noqa: F401  (registers callbacks for short names in configs)
@@ -52,6 +52,14 @@ class PerlhfCLI(LightningCLI):
     refused otherwise (the model's shape, the optimiser, whose state the checkpoint restores, the
     KL controller, whose state it restores too).
     """
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Lightning's, without its warning when ``args`` are given while ``sys.argv`` holds another
+        command line: perlhf's own callers (``perlhf quickstart``'s stages, tests) do that on purpose."""
+        if isinstance(args, dict | Namespace):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(args)
 
     def _dumped(self, subcommand: str) -> dict[str, Any]:
         """The subcommand's config as plain YAML values (class paths, link targets included)."""

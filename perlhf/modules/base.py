@@ -6,6 +6,7 @@ import abc
 import copy
 import inspect
 import random
+from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from perlhf.checkpointing import DurableCheckpoints
 from perlhf.guards import NonFiniteGuard, check_finite
-from perlhf.models import ModelConfig, count_parameters
+from perlhf.models import ModelConfig
 
 WRAPPED_FSDP = "_fsdp_wrapped_module."
 WRAPPED_CHECKPOINT = "_checkpoint_wrapped_module."
@@ -79,6 +80,23 @@ class TrainableOnlyModule(L.LightningModule, abc.ABC):
         names = (name for name, p in self.named_parameters() if p.requires_grad)
         return {name.replace(WRAPPED_FSDP, "").replace(WRAPPED_CHECKPOINT, "") for name in names}
 
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """``nn.Module.load_state_dict`` for trainable-only checkpoints: the frozen tensors a
+        checkpoint leaves out by design are not reported missing (``load_from_checkpoint`` would
+        list each one); a missing trainable tensor, or an unexpected one, still is (and raises
+        under ``strict``)."""
+        keys = super().load_state_dict(state_dict, strict=False, assign=assign)
+        trainable = self.trainable_names()
+        keys = keys._replace(missing_keys=[k for k in keys.missing_keys if k in trainable])
+        if strict and (keys.missing_keys or keys.unexpected_keys):
+            raise RuntimeError(
+                f"state dict does not match the trainable tensors (missing: {keys.missing_keys[:5]}, "
+                f"unexpected: {keys.unexpected_keys[:5]})"
+            )
+        return keys
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
@@ -131,13 +149,6 @@ class TrainableOnlyModule(L.LightningModule, abc.ABC):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "step"},
         }
-
-    def on_fit_start(self) -> None:
-        trainable, total = count_parameters(self)
-        self.print(
-            f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters "
-            f"({100 * trainable / max(total, 1):.2f}%)"
-        )
 
 
 LOCAL_PATH_KEYS = ("name_or_path", "tokenizer", "value_model", "reference_model")
