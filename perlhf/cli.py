@@ -63,7 +63,7 @@ class PerlhfCLI(LightningCLI):
 
     def _dumped(self, subcommand: str) -> dict[str, Any]:
         """The subcommand's config as plain YAML values (class paths, link targets included)."""
-        dump = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_none=False))
+        dump = yaml.safe_load(self.parser.dump(self.config, skip_link_targets=False, skip_unset=False))
         return dump[subcommand]
 
     def _parse_ckpt_path(self) -> None:

@@ -2,11 +2,12 @@
 
 Each is about a deliberate choice of perlhf's or a clash between two of its dependencies, never
 about the user's data or settings, and appears on every run. ``install()`` runs on ``import
-perlhf``; the test suite turns every other warning raised from perlhf's code into an error
-(``filterwarnings`` in pyproject.toml). Warnings fixed at their source instead: LoRA on GPT-2's
-``Conv1D`` (``fan_in_fan_out`` set by ``perlhf.models``), frozen keys "missing" from
+perlhf`` and again when a perlhf module is built (pytest resets filters between tests). The test
+suite turns every other warning raised from perlhf's code into an error (``filterwarnings`` in
+pyproject.toml). Warnings fixed at their source instead: LoRA on GPT-2's ``Conv1D``
+(``fan_in_fan_out`` set by ``perlhf.models``), frozen keys "missing" from
 ``load_from_checkpoint`` (``TrainableOnlyModule.load_state_dict``), LightningCLI's "args and
-command line" (``PerlhfCLI.parse_arguments``).
+command line" (``PerlhfCLI.parse_arguments``), the trainable-parameter count printed twice.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from perlhf import quiet
 from perlhf.checkpointing import DurableCheckpoints
 from perlhf.guards import NonFiniteGuard, check_finite
 from perlhf.models import ModelConfig
@@ -43,6 +44,7 @@ class TrainableOnlyModule(L.LightningModule, abc.ABC):
 
     def __init__(self) -> None:
         super().__init__()
+        quiet.install()  # again here: a test runner may have reset the filters since import
         # Frozen tensors are absent from our checkpoints by design; on_load_checkpoint checks the rest.
         self.strict_loading = False
 
