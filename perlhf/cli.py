@@ -16,7 +16,9 @@ import lightning.pytorch as L
 import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter, Namespace, set_parsing_settings
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 import perlhf.callbacks  # noqa: F401  (registers callbacks for short names in configs)
 import perlhf.data  # noqa: F401  (registers DataModules)
@@ -117,6 +119,16 @@ class PerlhfCLI(LightningCLI):
         if problem:
             raise StageOrderError(problem)
 
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Lightning's Trainer, with ``StepsProgressBar`` in place of the default rich bar."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        default_bar = not any(isinstance(c, ProgressBar) for c in callbacks)
+        if config.get("enable_progress_bar") is not False and default_bar and _RICH_AVAILABLE:
+            kwargs.setdefault("callbacks", [*callbacks, StepsProgressBar()])
+        return super().instantiate_trainer(**kwargs)
+
     def after_instantiate_classes(self) -> None:
         """Checks that need both the module and the DataModule, before any model is loaded."""
         # getattr: a caller may skip instantiation (parse-only tools), leaving neither attribute.
@@ -144,6 +156,17 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         out |= _flat(value, f"{prefix}{key}.")
     return out
+
+
+class StepsProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, without the ``Epoch 0/-2`` it shows when only ``max_steps``
+    bounds a run (the Trainer's ``max_epochs`` is then -1)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        text = super()._get_train_description(current_epoch)
+        if self.trainer.max_epochs == -1:
+            text = text.replace(f"Epoch {current_epoch}/-2", f"Epoch {current_epoch}")
+        return text
 
 
 class HelpFormatter(DefaultHelpFormatter):

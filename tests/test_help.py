@@ -3,9 +3,11 @@ internal classes hidden; the RL defaults are the paper's REINFORCE."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from perlhf.cli import cli_main
+from perlhf.cli import StepsProgressBar, cli_main
 from perlhf.models import ModelConfig
 from perlhf.modules import PPOModule
 from perlhf.modules.rl_config import PPOSpec
@@ -64,3 +66,14 @@ def test_rl_defaults_are_reinforce_with_one_step_per_rollout(tiny_model_dir) -> 
         PPOModule(ModelConfig(name_or_path="x"), ppo=PPOSpec(epochs=2))
     with pytest.raises(ValueError, match="max_rollouts must be >= 1"):
         PPOModule(ModelConfig(name_or_path="x"), max_rollouts=0)
+
+
+def test_progress_bar_of_a_max_steps_run_shows_no_negative_epoch_count() -> None:
+    config = Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "reward.yaml"
+    cli = cli_main(["--config", str(config)], run=False)  # max_steps: 1000, no max_epochs
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, StepsProgressBar) and cli.trainer.max_epochs == -1
+    bar.setup(cli.trainer, cli.model, "fit")
+    assert bar._get_train_description(0).strip() == "Epoch 0"
+    quiet = cli_main(["--config", str(config), "--trainer.enable_progress_bar=false"], run=False)
+    assert quiet.trainer.progress_bar_callback is None
