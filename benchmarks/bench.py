@@ -502,7 +502,7 @@ def _reward(spec: dict, setting: Setting, device: Any, root: str, record: dict) 
             "tokens_per_step": 2 * pairs * length,
             "tokens_per_s": 2 * pairs * length / step_s,
             "backward_recomputes": recomputes[0](),
-            "loss": float(trainer.callback_metrics.get("train/loss_step", float("nan"))),
+            "loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
         }
     )
 

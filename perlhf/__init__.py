@@ -1,0 +1,5 @@
+"""perlhf: parameter-efficient RLHF as PyTorch Lightning modules."""
+
+from perlhf import quiet
+
+quiet.install()

@@ -393,6 +393,19 @@ def check_targets(model: nn.Module, targets: list[str] | str) -> None:
         )
 
 
+def _targets_conv1d(model: nn.Module, targets: list[str] | str) -> bool:
+    """Whether a LoRA target is a transformers ``Conv1D`` (GPT-2 style: weight ``(in, out)``)."""
+    for name, module in model.named_modules():
+        if type(module).__name__ != "Conv1D":
+            continue
+        if isinstance(targets, str):
+            if re.fullmatch(targets, name):
+                return True
+        elif any(name == t or name.endswith("." + t) for t in targets):
+            return True
+    return False
+
+
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
@@ -480,6 +493,8 @@ def _finish(
     lora = LoraConfig(
         task_type=task_type,
         layers_to_transform=layers,
+        # GPT-2's Conv1D stores weights transposed; peft would set this itself, with a warning.
+        fan_in_fan_out=_targets_conv1d(model, targets),
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,

@@ -12,6 +12,19 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+PLOTTED = {
+    "reward": ("train/accuracy", "val/accuracy"),
+    "rl": (
+        "train/rollout_step",
+        "train/gold_score",
+        "train/reward",
+        "train/kl",
+        "val/gold_score",
+        "val/reward",
+    ),
+}
+"""The logged scalars each panel reads (the names the modules log and the README lists)."""
+
 
 def scalars(run_dir: str | Path, *tags: str) -> dict[str, tuple[list[int], list[float]]]:
     """``{tag: (steps, values)}`` for those of ``tags`` present in the run's event files."""
@@ -31,16 +44,8 @@ def plot_run(reward_run: str | Path, rl_run: str | Path, out: str | Path) -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rm = scalars(reward_run, "val/accuracy", "train/accuracy_step")
-    rl = scalars(
-        rl_run,
-        "train/rollout_step",
-        "train/gold_score",
-        "train/reward/raw_mean",
-        "train/kl",
-        "val/gold_score",
-        "val/reward",
-    )
+    rm = scalars(reward_run, *PLOTTED["reward"])
+    rl = scalars(rl_run, *PLOTTED["rl"])
     if "train/rollout_step" not in rl or "train/gold_score" not in rl:
         raise ValueError(
             f"{rl_run} has no train/rollout_step or train/gold_score scalars; is it an RL run "
@@ -55,8 +60,8 @@ def plot_run(reward_run: str | Path, rl_run: str | Path, out: str | Path) -> Pat
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
-    if "train/accuracy_step" in rm:
-        ax.plot(*rm["train/accuracy_step"], color="tab:gray", alpha=0.5, label="train batch")
+    if "train/accuracy" in rm:
+        ax.plot(*rm["train/accuracy"], color="tab:gray", alpha=0.5, label="train batch")
     if "val/accuracy" in rm:
         ax.plot(*rm["val/accuracy"], "o-", color="tab:blue", label="held-out (gold labels)")
     ax.set(title="Reward model: pairwise accuracy", xlabel="optimiser step", ylabel="accuracy")
@@ -66,8 +71,8 @@ def plot_run(reward_run: str | Path, rl_run: str | Path, out: str | Path) -> Pat
     ax = axes[1]
     steps, gold = rl["train/gold_score"]
     ax.plot(rollouts(steps), gold, color="tab:green", label="gold score (rollouts)")
-    if "train/reward/raw_mean" in rl:
-        steps, score = rl["train/reward/raw_mean"]
+    if "train/reward" in rl:
+        steps, score = rl["train/reward"]
         ax.plot(rollouts(steps), score, color="tab:orange", label="reward-model score (rollouts)")
     if "val/gold_score" in rl:
         steps, value = rl["val/gold_score"]

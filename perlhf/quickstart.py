@@ -1,13 +1,13 @@
 """The whole PE-RLHF pipeline, offline, in one command: SFT → reward model → RL → report.
 
-    python -m perlhf.quickstart                      # a few minutes on 2 CPU cores
-    python -m perlhf.quickstart --algorithm ppo      # or rloo, grpo, gold-reward
-    python -m perlhf.quickstart --prepare-only       # just the tiny model and the task's data
+    perlhf quickstart                      # (or python -m perlhf.quickstart) ~80 s on 2 CPU cores
+    perlhf quickstart --algorithm ppo      # or rloo, grpo, gold-reward
+    perlhf quickstart --prepare-only       # just the tiny model, the task's data and the configs
 
 It builds a tiny GPT-2-shaped model and the built-in "topic words" task (``perlhf.data.synthetic``,
 whose hidden gold scorer plays the human), then runs the shipped LightningCLI configs
 ``configs/quickstart/{sft,reward,<algorithm>}.yaml`` one after the other, exactly as
-``python cli.py fit --config ...`` would, and ends with a report — the reward model's held-out
+``perlhf fit --config ...`` would, and ends with a report — the reward model's held-out
 accuracy against gold labels, and the gold score, reward-model score, KL to the SFT model and
 response length of the SFT and RL policies on held-out prompts — printed and written to
 ``<root>/report.md`` (+ ``report.json``), with a plot of the run at ``<root>/quickstart.png``.
@@ -25,9 +25,10 @@ from typing import Any
 import yaml
 
 from perlhf.data import synthetic
+from perlhf.paths import configs_dir
 from perlhf.tiny import save_tiny
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
+REPO_CONFIGS = configs_dir("quickstart")
 DEFAULT_ROOT = "checkpoints/quickstart"
 """Where the shipped quickstart configs read and write; ``--root`` rebases every such path."""
 ALGORITHMS = ("reinforce", "ppo", "rloo", "grpo", "gold-reward")
@@ -43,7 +44,10 @@ def prepare(root: str | Path = DEFAULT_ROOT, force: bool = False, seed: int = 0)
     - ``data/preference/{train,val}.jsonl``: pairs labelled by the gold scorer through
       Bradley–Terry noise (train) and without noise (val, for held-out accuracy);
     - ``data/prompts.jsonl`` (RL, training phrasings) and ``data/heldout_prompts.jsonl`` (the
-      phrasings no stage trains on).
+      phrasings no stage trains on);
+    - ``configs/{sft,reward,reinforce,...}.yaml``: the shipped configs with their paths under
+      ``root``, so ``perlhf fit --config <root>/configs/sft.yaml`` runs one stage from any checkout
+      or installed wheel.
     """
     root = Path(root)
     model_dir = root / "tiny-gpt2"
@@ -61,6 +65,10 @@ def prepare(root: str | Path = DEFAULT_ROOT, force: bool = False, seed: int = 0)
     for path, rows in files.items():
         if force or not path.exists():
             synthetic.write_jsonl(rows(), path)
+    for name in ("sft", "reward", *ALGORITHMS):
+        path = root / "configs" / f"{name}.yaml"
+        if force or not path.exists():
+            write_config(load_config(name, root, {"seed_everything": seed}), path)
     return root
 
 
@@ -98,13 +106,17 @@ def _rebase(node: Any, root: str, default_root: str) -> Any:
     return node
 
 
-def run_stage(config: dict[str, Any], path: Path, extra_args: list[str] | None = None) -> Any:
-    """Write ``config`` to ``path`` and run ``cli.py fit --config path``; returns the LightningCLI."""
-    from perlhf.cli import cli_main
-
+def write_config(config: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return cli_main(["fit", "--config", str(path), *(extra_args or [])])
+    return path
+
+
+def run_stage(config: dict[str, Any], path: Path, extra_args: list[str] | None = None) -> Any:
+    """Write ``config`` to ``path`` and run ``perlhf fit --config path``; returns the LightningCLI."""
+    from perlhf.cli import cli_main
+
+    return cli_main(["fit", "--config", str(write_config(config, path)), *(extra_args or [])])
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -267,7 +279,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.prepare_only or args.force:
         prepare(args.root, args.force, args.seed)
-        print(f"quickstart model and data ready under {args.root}")
+        configs = Path(args.root) / "configs"
+        print(
+            f"quickstart model, data and configs ready under {args.root}; one stage at a time: "
+            f"perlhf fit --config {configs / 'sft.yaml'} (then reward.yaml, reinforce.yaml)"
+        )
         if args.prepare_only:
             return
     run(args.root, args.algorithm, seed=args.seed)

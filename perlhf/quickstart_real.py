@@ -30,10 +30,11 @@ from typing import Any
 import torch
 
 from perlhf.import_gguf import import_gguf, is_imported, smollm2_gguf
+from perlhf.paths import configs_dir
 from perlhf.quickstart import load_config, run_stage
 from perlhf.tasks import sentiment, win_rate
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "real"
+REPO_CONFIGS = configs_dir("real")
 DEFAULT_ROOT = "checkpoints/real"
 MODEL_DIR = "smollm2-135m-instruct"
 TARGETS = {"reward_accuracy": 0.80, "win_rate": 0.70}

@@ -24,9 +24,10 @@ import torch
 import yaml
 
 from perlhf.data import shapes
+from perlhf.paths import configs_dir
 from perlhf.tiny_vlm import save_tiny_vlm
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quickstart-vlm"
+REPO_CONFIGS = configs_dir("quickstart-vlm")
 DEFAULT_ROOT = "checkpoints/quickstart-vlm"
 """Where the shipped configs read and write; ``--root`` rebases every such path."""
 

@@ -51,11 +51,14 @@ def test_quickstart_reward_config_trains_through_the_cli(
     ).exists()
     events = EventAccumulator(str(run_dir)).Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss_step", "val/accuracy", "val/margin", "val/chosen_reward"} <= tags
+    assert {"train/loss", "train/accuracy", "val/accuracy", "val/margin", "val/chosen_reward"} <= tags
     val_loss = [e.value for e in events.Scalars("val/loss")]
     assert val_loss[-1] < 0.6, val_loss  # ln 2 = 0.69 is chance
     assert events.Scalars("val/accuracy")[-1].value >= 0.65  # chance: 0.5
 
-    last = run_dir / "checkpoints" / "last.ckpt"
-    validated = cli_main(["validate", "--config", config, f"--ckpt_path={last}", *short])
+    # `--ckpt_path last`: the newest last.ckpt of this config's runs, whatever version_N holds it
+    # (a failed run leaves a newer folder without checkpoints).
+    (run_dir.parent / "version_9").mkdir()
+    validated = cli_main(["validate", "--config", config, "--ckpt_path=last", *short])
+    assert Path(validated.config.validate.ckpt_path).resolve() == run_dir / "checkpoints" / "last.ckpt"
     assert validated.trainer.callback_metrics["val/accuracy"] >= 0.65

@@ -295,6 +295,7 @@ def test_other_critic_layouts_and_full_finetuning_train(
     )
     module = PPOModule(
         config,
+        algorithm="ppo",
         value=value,
         ppo=PPOSpec(epochs=1, minibatch_size=32),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),

@@ -55,7 +55,7 @@ def test_checkpointing_recomputes_under_the_value_adapter(tiny_model_dir: Path, 
             lora=LoraSpec(r=8, alpha=16, dropout=0.0),
             gradient_checkpointing=checkpointing,
         )
-        module = PPOModule(config, kl=KLSpec(penalty="loss", estimator="k2"))
+        module = PPOModule(config, algorithm="ppo", kl=KLSpec(penalty="loss", estimator="k2"))
         module.configure_model()
         module._split_backward = lambda split=split: split
         modules.append(module)

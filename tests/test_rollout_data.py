@@ -194,8 +194,8 @@ def test_batch_layout_masks_and_scores(models: SimpleNamespace, prompt_files: di
     assert torch.allclose(batch["raw_scores"], by_hand(models.reward, tok, texts), atol=1e-5)
     assert torch.equal(batch["scores"], batch["raw_scores"])
     stats = batch["stats"]
-    assert stats["reward/eos_fraction"] == pytest.approx(2 / 12)
-    assert stats["reward/raw_mean"] == pytest.approx(batch["raw_scores"].mean().item(), abs=1e-6)
+    assert batch["ended_with_eos"].float().mean().item() == pytest.approx(2 / 12)
+    assert stats["reward/shaped_mean"] == pytest.approx(batch["raw_scores"].mean().item(), abs=1e-6)
     assert stats["rollout/generated_tokens"] == expected_mask.sum().item()
     assert stats["rollout/generate_s"] > 0 and stats["rollout/score_s"] > 0
     assert dm.rollouts_drawn == 1

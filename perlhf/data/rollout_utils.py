@@ -212,11 +212,7 @@ def shape_rewards(
     statistics then see all ranks' scores, so every rank normalises identically.
     """
     scores = raw.double()
-    stats = {
-        "reward/raw_mean": raw.mean().item(),
-        "reward/raw_std": raw.std(correction=0).item(),
-        "reward/eos_fraction": ended.float().mean().item(),
-    }
+    stats: dict[str, float] = {}  # the raw reward itself is the batch's raw_scores
     if missing_eos_penalty is not None:
         scores = torch.where(ended, scores, scores + missing_eos_penalty)
         stats["reward/penalised_fraction"] = (~ended).float().mean().item()
@@ -229,7 +225,7 @@ def shape_rewards(
     if clip is not None:
         stats["reward/clipped_fraction"] = (scores.abs() > clip).float().mean().item()
         scores = scores.clamp(-clip, clip)
-    stats["reward/mean"] = scores.mean().item()
+    stats["reward/shaped_mean"] = scores.mean().item()
     return scores.float(), stats
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import abc
 import copy
 import inspect
 import random
+from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -13,16 +15,18 @@ import lightning.pytorch as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from perlhf import quiet
 from perlhf.checkpointing import DurableCheckpoints
 from perlhf.guards import NonFiniteGuard, check_finite
-from perlhf.models import ModelConfig, count_parameters
+from perlhf.models import ModelConfig
 
 WRAPPED_FSDP = "_fsdp_wrapped_module."
 WRAPPED_CHECKPOINT = "_checkpoint_wrapped_module."
 
 
-class TrainableOnlyModule(L.LightningModule):
-    """Base for modules whose checkpoints hold only what was trained.
+class TrainableOnlyModule(L.LightningModule, abc.ABC):
+    """Base for modules whose checkpoints hold only what was trained (abstract: the CLI lists only
+    the concrete modules as ``--model`` choices).
 
     A LoRA run's default Lightning checkpoint would carry the frozen backbone (gigabytes); here
     ``state_dict`` entries of frozen parameters are dropped on save, and loading checks that every
@@ -40,8 +44,17 @@ class TrainableOnlyModule(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
+        quiet.install()  # again here: a test runner may have reset the filters since import
         # Frozen tensors are absent from our checkpoints by design; on_load_checkpoint checks the rest.
         self.strict_loading = False
+
+    @abc.abstractmethod
+    def configure_model(self) -> None:
+        """Build the networks once (idempotent), so strategies and precision plugins control it."""
+
+    @abc.abstractmethod
+    def save_pretrained(self, path: str | Path, merged: bool = False) -> Path:
+        """Export in Hugging Face format (a peft adapter folder, or ``merged`` weights)."""
 
     @property
     def tokenizer_name_or_path(self) -> str:
@@ -68,6 +81,23 @@ class TrainableOnlyModule(L.LightningModule):
         checkpointing insert into parameter names, but not into state-dict keys, removed)."""
         names = (name for name, p in self.named_parameters() if p.requires_grad)
         return {name.replace(WRAPPED_FSDP, "").replace(WRAPPED_CHECKPOINT, "") for name in names}
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """``nn.Module.load_state_dict`` for trainable-only checkpoints: the frozen tensors a
+        checkpoint leaves out by design are not reported missing (``load_from_checkpoint`` would
+        list each one); a missing trainable tensor, or an unexpected one, still is (and raises
+        under ``strict``)."""
+        keys = super().load_state_dict(state_dict, strict=False, assign=assign)
+        trainable = self.trainable_names()
+        keys = keys._replace(missing_keys=[k for k in keys.missing_keys if k in trainable])
+        if strict and (keys.missing_keys or keys.unexpected_keys):
+            raise RuntimeError(
+                f"state dict does not match the trainable tensors (missing: {keys.missing_keys[:5]}, "
+                f"unexpected: {keys.unexpected_keys[:5]})"
+            )
+        return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_names()
@@ -122,13 +152,6 @@ class TrainableOnlyModule(L.LightningModule):
             "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "step"},
         }
 
-    def on_fit_start(self) -> None:
-        trainable, total = count_parameters(self)
-        self.print(
-            f"{type(self).__name__}: {trainable:,} trainable of {total:,} parameters "
-            f"({100 * trainable / max(total, 1):.2f}%)"
-        )
-
 
 LOCAL_PATH_KEYS = ("name_or_path", "tokenizer", "value_model", "reference_model")
 """Hyperparameters that may name a local model folder."""
@@ -162,4 +185,5 @@ def check_training_config(model: ModelConfig, optimizer: OptimizerCallable) -> N
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    """AdamW, lr 1e-4, weight decay 0.01 (torch's other defaults)."""
     return torch.optim.AdamW(params, lr=1e-4)

@@ -20,7 +20,7 @@ from perlhf.packing import PackedPairs, pack_pairs
 from perlhf.vlm import VisionRewardModel
 
 Batch = dict[str, torch.Tensor]
-STAGES = ("train", "val", "test")
+EVAL_STAGES = ("val", "test")
 
 
 class RewardModule(TrainableOnlyModule):
@@ -70,16 +70,14 @@ class RewardModule(TrainableOnlyModule):
         self.model: nn.Module | None = None
         self.tokenizer = None
         self.processor = None  # a VLM backbone's processor (exported with the model)
-        self.metrics = nn.ModuleDict({f"{stage}_": self._make_metrics(stage) for stage in STAGES})
+        # Epoch metrics of the evaluation stages; training logs each batch's values.
+        self.metrics = nn.ModuleDict({f"{stage}_": self._make_metrics(stage) for stage in EVAL_STAGES})
 
     def _make_metrics(self, stage: str) -> nn.ModuleDict:
         if self.objective == "pairwise":
             names = ("accuracy", "chosen_reward", "rejected_reward", "margin")
             return nn.ModuleDict({name: MeanMetric() for name in names})
-        metrics = {"accuracy": BinaryAccuracy(), "reward": MeanMetric()}
-        if stage != "train":
-            metrics["auroc"] = BinaryAUROC()
-        return nn.ModuleDict(metrics)
+        return nn.ModuleDict({"accuracy": BinaryAccuracy(), "reward": MeanMetric(), "auroc": BinaryAUROC()})
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -154,15 +152,17 @@ class RewardModule(TrainableOnlyModule):
             f"{stage}/packed_token_fraction",
             fraction,
             on_step=stage == "train",
-            on_epoch=True,
+            on_epoch=stage != "train",
             batch_size=len(chosen),
         )
         return torch.cat([chosen, rejected])
 
     def _shared_step(self, batch: Batch, stage: str) -> torch.Tensor:
+        """Loss and metrics of one batch: ``train/*`` per step (this batch), ``val/*`` and
+        ``test/*`` per epoch (``loss``, ``accuracy``, ``chosen_reward``, ``rejected_reward``,
+        ``margin``; classifier: ``loss``, ``accuracy``, ``reward``, ``auroc``)."""
         self._check_batch(batch)
         rewards = self._batch_rewards(batch, stage)
-        metrics = self.metrics[f"{stage}_"]
         if self.objective == "pairwise":
             chosen, rejected = rewards.chunk(2)
             loss = pairwise_loss(chosen, rejected, batch.get("margin"), self.center_coef)
@@ -172,26 +172,28 @@ class RewardModule(TrainableOnlyModule):
                 "rejected_reward": rejected.detach(),
                 "margin": (chosen - rejected).detach(),
             }
-            for name, value in values.items():
-                metrics[name].update(value)
+            updates = {name: (value,) for name, value in values.items()}
         else:
             labels = batch["labels"]
             loss = classifier_loss(rewards, labels)
             probs = torch.sigmoid(rewards.detach())
-            metrics["accuracy"].update(probs, labels.long())
-            metrics["reward"].update(rewards.detach())
-            if "auroc" in metrics:
-                metrics["auroc"].update(probs, labels.long())
-        on_step = stage == "train"
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=rewards.shape[0],
-            sync_dist=True,  # the epoch mean over every rank's batches
-        )
+            values = {"accuracy": ((probs > 0.5) == labels.bool()).float(), "reward": rewards.detach()}
+            updates = {
+                "accuracy": (probs, labels.long()),
+                "reward": (rewards.detach(),),
+                "auroc": (probs, labels.long()),
+            }
+        n = rewards.shape[0]
+        if stage == "train":
+            self.log("train/loss", loss, prog_bar=True, batch_size=n)
+            for name, value in values.items():
+                self.log(f"train/{name}", value.mean(), prog_bar=name == "accuracy", batch_size=n)
+            return loss
+        metrics = self.metrics[f"{stage}_"]
+        for name, args in updates.items():
+            metrics[name].update(*args)
+        # The epoch mean over every rank's batches.
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, batch_size=n, sync_dist=True)
         for name, metric in metrics.items():
             self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "accuracy")
         return loss

@@ -59,8 +59,10 @@ class PPOModule(TrainableOnlyModule):
 
     Args:
         model: Policy backbone and fine-tuning mode. Under LoRA the policy is adapter ``policy``.
-        algorithm: ``ppo``, ``reinforce``, ``rloo`` or ``grpo``.
-        ppo: Update settings (epochs, minibatches, clipping, GAE).
+        algorithm: ``reinforce`` (the paper's; one optimiser step per rollout), ``ppo``, ``rloo``
+            or ``grpo``.
+        ppo: Update settings (epochs, minibatches, clipping, GAE); ``epochs`` defaults to the
+            algorithm's own (1 for reinforce, 4 otherwise).
         kl: KL-to-reference coefficient, controller, estimator and where the penalty enters.
         value: Critic: ``adapter`` (a ``value`` LoRA adapter on the policy backbone, LoRA only),
             ``shared`` (value head on the policy trunk), ``separate`` (its own backbone).
@@ -72,12 +74,15 @@ class PPOModule(TrainableOnlyModule):
         optimizer: Optimiser over trainable parameters only.
         scheduler: Optional LR scheduler, stepped every optimiser step.
         log_samples_every: Log a text table of prompts, responses and rewards every N rollouts.
+        max_rollouts: Stop training after this many rollouts (the RL run's length; the Trainer's
+            ``max_steps`` counts optimiser steps, several per rollout for ppo, rloo and grpo).
+            None: the Trainer's limits, ``max_epochs`` × ``data.rollouts_per_epoch`` rollouts.
     """
 
     def __init__(
         self,
         model: ModelConfig,
-        algorithm: Algorithm = "ppo",
+        algorithm: Algorithm = "reinforce",
         ppo: PPOSpec | None = None,
         kl: KLSpec | None = None,
         value: ValueMode | None = None,
@@ -87,6 +92,7 @@ class PPOModule(TrainableOnlyModule):
         optimizer: OptimizerCallable = default_optimizer,
         scheduler: LRSchedulerCallable | None = None,
         log_samples_every: int = 10,
+        max_rollouts: int | None = None,
     ) -> None:
         super().__init__()
         model = ModelConfig.coerce(model)
@@ -101,14 +107,15 @@ class PPOModule(TrainableOnlyModule):
             value = "adapter" if model.finetune == "lora" else "separate"
         if value == "adapter" and model.finetune != "lora":
             raise ValueError("value='adapter' needs model.finetune='lora'; use value: separate or shared")
-        if algorithm == "reinforce" and ppo.epochs != 1:
+        if algorithm == "reinforce" and ppo.epochs not in (None, 1):
             raise ValueError(
                 f"algorithm 'reinforce' has no importance ratio, so it must stay on-policy: ppo.epochs "
-                f"must be 1, got {ppo.epochs} (use 'ppo' or 'rloo' for several epochs per rollout)"
+                f"must be 1 (or unset), got {ppo.epochs} (use 'ppo' or 'rloo' for several epochs per rollout)"
             )
         self.save_plain_hyperparameters()
         self.automatic_optimization = False
-        self.config, self.algorithm, self.ppo, self.kl_spec = model, algorithm, ppo, kl
+        self.config, self.algorithm, self.kl_spec = model, algorithm, kl
+        self.ppo = ppo.for_algorithm(algorithm)
         self.value_mode: ValueMode | None = None if algorithm in ("rloo", "grpo") else value
         if policy_adapter and (model.finetune != "lora" or reference_model):
             raise ValueError(
@@ -118,6 +125,9 @@ class PPOModule(TrainableOnlyModule):
         self.policy_adapter = policy_adapter
         self.optimizer, self.scheduler = optimizer, scheduler
         self.log_samples_every = log_samples_every
+        if max_rollouts is not None and max_rollouts < 1:
+            raise ValueError(f"max_rollouts must be >= 1 or null, got {max_rollouts}")
+        self.max_rollouts = max_rollouts
         self.kl_ctl = KLController(kl)
         self.rollout_step = 0
         self.sampling_temperature = 1.0
@@ -256,6 +266,15 @@ class PPOModule(TrainableOnlyModule):
             self.kl_ctl.update(kl_per_seq, n * world)
         self.rollout_step += 1
         self._log_rollout(batch, mask, kl_per_seq, stats, old_values, returns)
+        self._stop_at_max_rollouts()
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._stop_at_max_rollouts()  # a resumed run may already be there
+
+    def _stop_at_max_rollouts(self) -> None:
+        if self.max_rollouts is not None and self.rollout_step >= self.max_rollouts:
+            self.trainer.should_stop = True
 
     @torch.no_grad()
     def initialize_value_head(self, scores: torch.Tensor) -> None:
@@ -450,8 +469,9 @@ class PPOModule(TrainableOnlyModule):
         logs = {f"train/{k}": v for k, v in stats.items()}
         logs |= {f"train/{k}": float(v) for k, v in batch.get("stats", {}).items()}
         logs |= {
-            "train/reward_mean": batch["scores"].float().mean().item(),
-            "train/reward_std": batch["scores"].float().std().item(),
+            # The reward as the rewards gave it (val/reward's definition); what the update saw
+            # after penalties, normalisation and clipping is train/reward/shaped_mean.
+            "train/reward_std": batch["raw_scores"].float().std().item(),
             "train/kl_coef": self.kl_ctl.value,
             "train/response_length": mask.sum(-1).mean().item(),
             "train/eos_fraction": batch["ended_with_eos"].float().mean().item(),
@@ -472,9 +492,8 @@ class PPOModule(TrainableOnlyModule):
                 1 - residual / losses.masked_var(returns, mask, unbiased=False)
             ).item()
         self.log_dict(logs, on_step=True, batch_size=mask.shape[0])
-        self.log(
-            "train/reward", logs["train/reward_mean"], prog_bar=True, on_step=True, batch_size=mask.shape[0]
-        )
+        reward = batch["raw_scores"].float().mean().item()
+        self.log("train/reward", reward, prog_bar=True, on_step=True, batch_size=mask.shape[0])
         if (
             self.log_samples_every
             and self.rollout_step % self.log_samples_every == 1 % self.log_samples_every

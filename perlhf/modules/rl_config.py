@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 
@@ -10,9 +10,10 @@ from typing import Literal
 class PPOSpec:
     """How each rollout batch is turned into parameter updates."""
 
-    epochs: int = 4
-    """Passes over each rollout batch (GRPO's iterations μ). REINFORCE has no importance ratio
-    and needs 1; it accumulates all minibatches of a rollout into one optimiser step."""
+    epochs: int | None = None
+    """Passes over each rollout batch (GRPO's iterations μ). None: the algorithm's own, 1 for
+    ``reinforce`` (no importance ratio, so it must stay on-policy; all minibatches of a rollout
+    make one optimiser step) and 4 for ``ppo``, ``rloo`` and ``grpo``."""
     minibatch_size: int = 16
     """Sequences per forward/backward pass."""
     gradient_accumulation: int = 1
@@ -38,7 +39,7 @@ class PPOSpec:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "minibatch_size", "gradient_accumulation"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"ppo.{name} must be >= 1, got {getattr(self, name)}")
         if self.loss_aggregation not in ("grpo", "dr_grpo", "dapo"):
             raise ValueError(
@@ -55,6 +56,16 @@ class PPOSpec:
         for name, (ok, allowed) in checks.items():
             if not ok:
                 raise ValueError(f"ppo.{name} must be {allowed}, got {getattr(self, name)}")
+
+    def for_algorithm(self, algorithm: str) -> PPOSpec:
+        """These settings with ``epochs`` resolved for ``algorithm`` (see ``epochs``)."""
+        if self.epochs is not None:
+            return self
+        return replace(self, epochs=1 if algorithm == "reinforce" else DEFAULT_EPOCHS)
+
+
+DEFAULT_EPOCHS = 4
+"""Update epochs per rollout of the ratio-clipped algorithms (ppo, rloo, grpo)."""
 
 
 @dataclass
