@@ -7,7 +7,9 @@ Face sequence classifier into one frozen ``transformers`` model.
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -23,6 +25,7 @@ from transformers.utils.peft_utils import find_adapter_config_file
 
 from perlhf.data.images import combine_vision, encode_with_images, image_inputs, render_prompt
 from perlhf.models import DTYPES, load_tokenizer
+from perlhf.scoring import sequence_scores
 from perlhf.vlm import VisionRewardModel, has_reward_head
 
 NOT_A_CLASSIFIER = (
@@ -238,7 +241,8 @@ def reward_scores(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 64
 ) -> torch.Tensor:
     """Scalar scores ``(N,)`` float32 (CPU) of a sequence classifier on ``texts`` (the last tokens
-    that fit the model's positions)."""
+    that fit the model's positions), padded as the tokenizer pads (any side, any pad id: the
+    scores do not depend on it)."""
     sequences = [encode(tokenizer, text) for text in texts]
     limit = max_positions(model)
     if limit is not None:
@@ -246,9 +250,10 @@ def reward_scores(
     device = next(model.parameters()).device
     scores = []
     for start in range(0, len(sequences), batch_size):
-        ids, mask = right_pad(sequences[start : start + batch_size], tokenizer.pad_token_id)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        scores.append(logits[:, 0].float().cpu())
+        chunk = [{"input_ids": ids} for ids in sequences[start : start + batch_size]]
+        padded = tokenizer.pad(chunk, return_tensors="pt")
+        ids, mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
+        scores.append(sequence_scores(model, ids, mask).cpu())
     return torch.cat(scores)
 
 
@@ -284,6 +289,30 @@ def vision_reward_scores(
     return torch.cat(scores)
 
 
+def headless_classifier(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
+    """A one-label sequence classifier on the base model of a reward adapter, whose ``score`` head
+    the adapter brings. The base checkpoint (a causal LM) has no head by design, so transformers'
+    load report about it (``score.weight | MISSING``) is silenced; any other missing weight is
+    still reported, as a warning."""
+    log = logging.getLogger("transformers.modeling_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=1, output_loading_info=True, **kwargs
+        )
+    finally:
+        log.setLevel(level)
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith("score."))
+    if missing:
+        warnings.warn(
+            f"reward base {name_or_path!r} lacks weights {missing[:5]} (newly initialised); is it "
+            "the model the reward adapter was trained on? (reward_base)",
+            stacklevel=2,
+        )
+    return model
+
+
 def load_reward_model(
     name_or_path: str, base: str | None = None, dtype: str = "float32", trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -313,8 +342,9 @@ def load_reward_model(
             raise ValueError(
                 f"reward_model={name_or_path!r} is an adapter that names no base model; set reward_base"
             )
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, **kwargs)
-        model = PeftModel.from_pretrained(model, name_or_path).merge_and_unload()
+        model = PeftModel.from_pretrained(
+            headless_classifier(base, **kwargs), name_or_path
+        ).merge_and_unload()
         try:
             tokenizer = load_tokenizer(name_or_path, trust_remote_code)
         except (OSError, ValueError):

@@ -16,6 +16,7 @@ from perlhf.data.images import load_processor
 from perlhf.losses import classifier_loss, pairwise_loss
 from perlhf.models import ModelConfig, build_reward_model, load_tokenizer
 from perlhf.modules.base import TrainableOnlyModule, check_training_config, default_optimizer
+from perlhf.scoring import sequence_scores
 from perlhf.vlm import VisionRewardModel
 
 Batch = dict[str, torch.Tensor]
@@ -86,9 +87,9 @@ class RewardModule(TrainableOnlyModule):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **vision: torch.Tensor
     ) -> torch.Tensor:
-        """Scalar rewards ``(N,)`` in float32 for sequences ``(N, L)`` (and a VLM's image inputs)."""
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **vision).logits
-        return logits.squeeze(-1).float()
+        """Scalar rewards ``(N,)`` in float32 for sequences ``(N, L)`` (and a VLM's image inputs),
+        padded on either side with any id (``perlhf.scoring.sequence_scores``)."""
+        return sequence_scores(self.model, input_ids, attention_mask, **vision)
 
     def _shared_step(self, batch: Batch, stage: str) -> torch.Tensor:
         self._check_batch(batch)
