@@ -54,7 +54,13 @@ from perlhf.data.images import (
     row_images,
     undecoded,
 )
-from perlhf.data.loading import Splits, load_dataset_dict, tokenizer_name_from, train_val_splits
+from perlhf.data.loading import (
+    Splits,
+    in_memory_dataset,
+    load_dataset_dict,
+    tokenizer_name_from,
+    train_val_splits,
+)
 from perlhf.data.rollout_utils import (
     Prompt,
     RunningMoments,
@@ -108,7 +114,9 @@ class RolloutDataModule(L.LightningDataModule):
 
     Args:
         path: Hub id, local ``.json``/``.jsonl``/``.parquet``/``.csv`` file, local folder, or
-            builder name (``json``, ``parquet``, ``csv``) used with ``data_files``.
+            builder name (``json``, ``parquet``, ``csv``) used with ``data_files``; or the prompts
+            themselves: a list (strings, chat message lists, or row dicts) or a dict of split
+            name -> list.
         reward_model: Reward model folder or hub id: a perlhf/peft ``SEQ_CLS`` adapter (merged onto
             its base on load) or any Hugging Face ``*ForSequenceClassification`` model. None: the
             reward is ``reward_functions`` alone.
@@ -171,7 +179,7 @@ class RolloutDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        path: str,
+        path: str | list[Any] | dict[str, list[Any]],
         reward_model: str | None = None,
         reward_functions: list[RewardFunction] | None = None,
         reward_weight: float = 1.0,
@@ -321,9 +329,13 @@ class RolloutDataModule(L.LightningDataModule):
                 self.prompts[key] = self._encode_split(key, split, dataset, row_ids)
 
     def _splits(self) -> Splits:
-        raw = load_dataset_dict(self.path, self.data_files, self.name, self.data_dir, "prompt dataset")
+        where = self.path
+        if isinstance(self.path, list | dict):  # prompts given in Python
+            raw, where = in_memory_dataset(self.path, self.prompt_column), "prompts"
+        else:
+            raw = load_dataset_dict(self.path, self.data_files, self.name, self.data_dir, "prompt dataset")
         return train_val_splits(
-            raw, self.path, self.train_split, self.val_split, self.val_fraction, self.seed, self.max_prompts
+            raw, where, self.train_split, self.val_split, self.val_fraction, self.seed, self.max_prompts
         )
 
     def _encode_split(
@@ -436,6 +448,8 @@ class RolloutDataModule(L.LightningDataModule):
 
     def _source(self, split: str) -> str:
         """``file[split]`` (or ``path[split]``) for messages that point at a row."""
+        if isinstance(self.path, list | dict):
+            return f"prompts[{split}]"
         files = self.data_files.get(split) if isinstance(self.data_files, dict) else self.data_files
         return f"{files if isinstance(files, str) else self.path}[{split}]"
 
