@@ -17,7 +17,16 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import AutoTokenizer
 
-from perlhf import LoraSpec, ModelConfig, PPOModule, PPOSpec, RewardModel, RewardModule, RolloutDataset
+from perlhf import (
+    LoraSpec,
+    ModelConfig,
+    PPOModule,
+    PPOSpec,
+    RewardModel,
+    RewardModule,
+    RolloutDataModule,
+    RolloutDataset,
+)
 
 PAIRS = [  # (prompt, chosen, rejected)
     ("Name some colours:", " red blue green", " cat dog"),
@@ -180,3 +189,21 @@ def test_a_source_that_would_train_on_stale_rollouts_is_refused(
         trainer(tmp_path, max_steps=2).fit(policy, train_dataloaders=loader)
     if source == "unsized":  # Lightning read one rollout ahead; training stopped before any update
         assert sampled == [0] and policy.rollout_step == 0
+
+
+def test_rollout_prompts_from_python_lists(tiny_model_dir: Path) -> None:
+    reward = [{"function": "perlhf.data.synthetic.gold_reward"}]
+    held_out = RolloutDataModule(
+        path={"train": PROMPTS, "test": ["Name some birds:"]},
+        reward_functions=reward,
+        tokenizer=str(tiny_model_dir),
+    )
+    held_out.setup()
+    assert [p.text for p in held_out.prompts["train"]] == PROMPTS
+    assert [p.text for p in held_out.prompts["val"]] == ["Name some birds:"]
+    split = RolloutDataModule(
+        path=PROMPTS, val_fraction=0.25, reward_functions=reward, tokenizer=str(tiny_model_dir)
+    )
+    split.setup()
+    train, val = ([p.text for p in split.prompts[k]] for k in ("train", "val"))
+    assert len(val) == 1 and sorted(train + val) == sorted(PROMPTS)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -118,24 +119,18 @@ def encode_prompt(
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, mask)`` of shape ``(N, longest)``, padded on the left (generation continues on the right)."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        if seq:
-            ids[i, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[i, length - len(seq) :] = 1
-    return ids, mask
+    return _pad(sequences, pad_id, "left")
 
 
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, mask)`` of shape ``(N, longest)``, padded on the right."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[i, : len(seq)] = 1
+    return _pad(sequences, pad_id, "right")
+
+
+def _pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [torch.tensor(s, dtype=torch.long) for s in sequences]
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side=side)
+    mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side=side)
     return ids, mask
 
 
@@ -167,7 +162,12 @@ def cut_at_eos(
 @dataclass
 class RunningMoments:
     """Mean and (population) standard deviation of every score seen, updated a batch at a time
-    with the parallel form of Welford's algorithm (Chan et al.), in float64."""
+    with the parallel form of Welford's algorithm (Chan et al.), in float64.
+
+    Not a torchmetrics ``Metric``: every rank must hold the same statistics at every step (each
+    normalises its scores with them, and a checkpoint stores rank 0's copy), so callers update it
+    with all ranks' scores (``shape_rewards(gather=...)``); a ``Metric`` keeps rank-local states and
+    syncs them only inside ``compute``."""
 
     count: int = 0
     mean: float = 0.0

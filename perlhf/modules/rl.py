@@ -459,6 +459,7 @@ class PPOModule(TrainableOnlyModule):
             "train/kl_coef": self.kl_ctl.value,
             "train/response_length": mask.sum(-1).mean().item(),
             "train/eos_fraction": batch["ended_with_eos"].float().mean().item(),
+            # Per phase (update here, generation below); ThroughputMonitor times the whole loop.
             "train/update_tokens_per_s": n_tokens
             * self.ppo.epochs
             / max(time.perf_counter() - self._t0, 1e-9),
