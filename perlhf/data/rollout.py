@@ -83,7 +83,8 @@ PromptFormat = Literal["prompt", "explicit", "implicit", "conversational", "scor
 
 
 class RolloutDataset(IterableDataset):
-    """``length`` items, each made by ``make(i)`` only when the iterator reaches it."""
+    """``length`` items, each made by ``make(i)`` only when the iterator reaches it: a rollout
+    source that keeps RL on-policy (``perlhf.contracts``)."""
 
     def __init__(self, make: Callable[[int], Batch], length: int) -> None:
         self.make, self.length = make, length
@@ -100,8 +101,9 @@ class RolloutDataModule(L.LightningDataModule):
     """Rollout batches sampled from the LightningModule under training and scored by its rewards: a
     frozen reward model, Python reward functions (``perlhf.rewards``), or a weighted sum of them.
 
-    Each batch holds ``N = prompts_per_rollout * samples_per_prompt`` rows, prompt-major (the
-    samples of prompt ``p`` are rows ``p*k … p*k+k-1``): ``prompt_ids``/``prompt_mask`` ``(N, P)``
+    Each batch (a ``perlhf.RolloutBatch``) holds ``N = prompts_per_rollout * samples_per_prompt``
+    rows, prompt-major (the samples of prompt ``p`` are rows ``p*k … p*k+k-1``):
+    ``prompt_ids``/``prompt_mask`` ``(N, P)``
     left-padded; ``response_ids``/``response_mask`` ``(N, R)`` right-padded, the mask 1 up to and
     including the first EOS; ``scores`` and ``raw_scores`` ``(N,)`` float32; ``ended_with_eos``
     ``(N,)`` bool; ``prompts``/``responses`` texts; ``stats`` floats for logging (each reward
