@@ -103,6 +103,20 @@ def json_problem(files: list[tuple[str, Path]]) -> str | None:
     return None
 
 
+def in_memory_dataset(prompts: list | dict[str, list], column: str) -> DatasetDict:
+    """Prompts given in Python as a ``DatasetDict``: a list (the train split) or a dict of split
+    name -> list. Items are prompts (strings or chat message lists), stored under ``column``, or
+    whole rows (dicts: a prompt column and any others, e.g. for reward functions)."""
+    splits = prompts if isinstance(prompts, dict) else {"train": prompts}
+    out = {}
+    for split, items in splits.items():
+        if not isinstance(items, list) or not items:
+            raise ValueError(f"in-memory prompts[{split!r}] must be a non-empty list, got {items!r:.80}")
+        rows = all(isinstance(item, dict) for item in items)
+        out[split] = Dataset.from_list(items) if rows else Dataset.from_dict({column: items})
+    return DatasetDict(out)
+
+
 def train_val_splits(
     raw: DatasetDict,
     where: str | Callable[[str | None], str],

@@ -54,7 +54,13 @@ from perlhf.data.images import (
     row_images,
     undecoded,
 )
-from perlhf.data.loading import Splits, load_dataset_dict, tokenizer_name_from, train_val_splits
+from perlhf.data.loading import (
+    Splits,
+    in_memory_dataset,
+    load_dataset_dict,
+    tokenizer_name_from,
+    train_val_splits,
+)
 from perlhf.data.rollout_utils import (
     Prompt,
     RunningMoments,
@@ -77,7 +83,8 @@ PromptFormat = Literal["prompt", "explicit", "implicit", "conversational", "scor
 
 
 class RolloutDataset(IterableDataset):
-    """``length`` items, each made by ``make(i)`` only when the iterator reaches it."""
+    """``length`` items, each made by ``make(i)`` only when the iterator reaches it: a rollout
+    source that keeps RL on-policy (``perlhf.contracts``)."""
 
     def __init__(self, make: Callable[[int], Batch], length: int) -> None:
         self.make, self.length = make, length
@@ -94,8 +101,9 @@ class RolloutDataModule(L.LightningDataModule):
     """Rollout batches sampled from the LightningModule under training and scored by its rewards: a
     frozen reward model, Python reward functions (``perlhf.rewards``), or a weighted sum of them.
 
-    Each batch holds ``N = prompts_per_rollout * samples_per_prompt`` rows, prompt-major (the
-    samples of prompt ``p`` are rows ``p*k … p*k+k-1``): ``prompt_ids``/``prompt_mask`` ``(N, P)``
+    Each batch (a ``perlhf.RolloutBatch``) holds ``N = prompts_per_rollout * samples_per_prompt``
+    rows, prompt-major (the samples of prompt ``p`` are rows ``p*k … p*k+k-1``):
+    ``prompt_ids``/``prompt_mask`` ``(N, P)``
     left-padded; ``response_ids``/``response_mask`` ``(N, R)`` right-padded, the mask 1 up to and
     including the first EOS; ``scores`` and ``raw_scores`` ``(N,)`` float32; ``ended_with_eos``
     ``(N,)`` bool; ``prompts``/``responses`` texts; ``stats`` floats for logging (each reward
@@ -108,7 +116,9 @@ class RolloutDataModule(L.LightningDataModule):
 
     Args:
         path: Hub id, local ``.json``/``.jsonl``/``.parquet``/``.csv`` file, local folder, or
-            builder name (``json``, ``parquet``, ``csv``) used with ``data_files``.
+            builder name (``json``, ``parquet``, ``csv``) used with ``data_files``; or the prompts
+            themselves: a list (strings, chat message lists, or row dicts) or a dict of split
+            name -> list.
         reward_model: Reward model folder or hub id: a perlhf/peft ``SEQ_CLS`` adapter (merged onto
             its base on load) or any Hugging Face ``*ForSequenceClassification`` model. None: the
             reward is ``reward_functions`` alone.
@@ -171,7 +181,7 @@ class RolloutDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        path: str,
+        path: str | list[Any] | dict[str, list[Any]],
         reward_model: str | None = None,
         reward_functions: list[RewardFunction] | None = None,
         reward_weight: float = 1.0,
@@ -321,9 +331,13 @@ class RolloutDataModule(L.LightningDataModule):
                 self.prompts[key] = self._encode_split(key, split, dataset, row_ids)
 
     def _splits(self) -> Splits:
-        raw = load_dataset_dict(self.path, self.data_files, self.name, self.data_dir, "prompt dataset")
+        where = self.path
+        if isinstance(self.path, list | dict):  # prompts given in Python
+            raw, where = in_memory_dataset(self.path, self.prompt_column), "prompts"
+        else:
+            raw = load_dataset_dict(self.path, self.data_files, self.name, self.data_dir, "prompt dataset")
         return train_val_splits(
-            raw, self.path, self.train_split, self.val_split, self.val_fraction, self.seed, self.max_prompts
+            raw, where, self.train_split, self.val_split, self.val_fraction, self.seed, self.max_prompts
         )
 
     def _encode_split(
@@ -436,6 +450,8 @@ class RolloutDataModule(L.LightningDataModule):
 
     def _source(self, split: str) -> str:
         """``file[split]`` (or ``path[split]``) for messages that point at a row."""
+        if isinstance(self.path, list | dict):
+            return f"prompts[{split}]"
         files = self.data_files.get(split) if isinstance(self.data_files, dict) else self.data_files
         return f"{files if isinstance(files, str) else self.path}[{split}]"
 

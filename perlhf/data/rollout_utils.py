@@ -7,12 +7,15 @@ Face sequence classifier into one frozen ``transformers`` model.
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -23,6 +26,7 @@ from transformers.utils.peft_utils import find_adapter_config_file
 
 from perlhf.data.images import combine_vision, encode_with_images, image_inputs, render_prompt
 from perlhf.models import DTYPES, load_tokenizer
+from perlhf.scoring import sequence_scores
 from perlhf.vlm import VisionRewardModel, has_reward_head
 
 NOT_A_CLASSIFIER = (
@@ -115,24 +119,18 @@ def encode_prompt(
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, mask)`` of shape ``(N, longest)``, padded on the left (generation continues on the right)."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        if seq:
-            ids[i, length - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[i, length - len(seq) :] = 1
-    return ids, mask
+    return _pad(sequences, pad_id, "left")
 
 
 def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids, mask)`` of shape ``(N, longest)``, padded on the right."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[i, : len(seq)] = 1
+    return _pad(sequences, pad_id, "right")
+
+
+def _pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [torch.tensor(s, dtype=torch.long) for s in sequences]
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side=side)
+    mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side=side)
     return ids, mask
 
 
@@ -164,7 +162,12 @@ def cut_at_eos(
 @dataclass
 class RunningMoments:
     """Mean and (population) standard deviation of every score seen, updated a batch at a time
-    with the parallel form of Welford's algorithm (Chan et al.), in float64."""
+    with the parallel form of Welford's algorithm (Chan et al.), in float64.
+
+    Not a torchmetrics ``Metric``: every rank must hold the same statistics at every step (each
+    normalises its scores with them, and a checkpoint stores rank 0's copy), so callers update it
+    with all ranks' scores (``shape_rewards(gather=...)``); a ``Metric`` keeps rank-local states and
+    syncs them only inside ``compute``."""
 
     count: int = 0
     mean: float = 0.0
@@ -234,7 +237,8 @@ def reward_scores(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], batch_size: int = 64
 ) -> torch.Tensor:
     """Scalar scores ``(N,)`` float32 (CPU) of a sequence classifier on ``texts`` (the last tokens
-    that fit the model's positions)."""
+    that fit the model's positions), padded as the tokenizer pads (any side, any pad id: the
+    scores do not depend on it)."""
     sequences = [encode(tokenizer, text) for text in texts]
     limit = max_positions(model)
     if limit is not None:
@@ -242,9 +246,10 @@ def reward_scores(
     device = next(model.parameters()).device
     scores = []
     for start in range(0, len(sequences), batch_size):
-        ids, mask = right_pad(sequences[start : start + batch_size], tokenizer.pad_token_id)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        scores.append(logits[:, 0].float().cpu())
+        chunk = [{"input_ids": ids} for ids in sequences[start : start + batch_size]]
+        padded = tokenizer.pad(chunk, return_tensors="pt")
+        ids, mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
+        scores.append(sequence_scores(model, ids, mask).cpu())
     return torch.cat(scores)
 
 
@@ -280,6 +285,30 @@ def vision_reward_scores(
     return torch.cat(scores)
 
 
+def headless_classifier(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
+    """A one-label sequence classifier on the base model of a reward adapter, whose ``score`` head
+    the adapter brings. The base checkpoint (a causal LM) has no head by design, so transformers'
+    load report about it (``score.weight | MISSING``) is silenced; any other missing weight is
+    still reported, as a warning."""
+    log = logging.getLogger("transformers.modeling_utils")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path, num_labels=1, output_loading_info=True, **kwargs
+        )
+    finally:
+        log.setLevel(level)
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith("score."))
+    if missing:
+        warnings.warn(
+            f"reward base {name_or_path!r} lacks weights {missing[:5]} (newly initialised); is it "
+            "the model the reward adapter was trained on? (reward_base)",
+            stacklevel=2,
+        )
+    return model
+
+
 def load_reward_model(
     name_or_path: str, base: str | None = None, dtype: str = "float32", trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -309,8 +338,9 @@ def load_reward_model(
             raise ValueError(
                 f"reward_model={name_or_path!r} is an adapter that names no base model; set reward_base"
             )
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, **kwargs)
-        model = PeftModel.from_pretrained(model, name_or_path).merge_and_unload()
+        model = PeftModel.from_pretrained(
+            headless_classifier(base, **kwargs), name_or_path
+        ).merge_and_unload()
         try:
             tokenizer = load_tokenizer(name_or_path, trust_remote_code)
         except (OSError, ValueError):

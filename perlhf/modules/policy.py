@@ -20,6 +20,7 @@ from transformers import GenerationConfig
 
 from perlhf.losses import entropy_from_logits, logprobs_from_logits
 from perlhf.models import ModelConfig, build_causal_lm, enable_checkpointing, load_pretrained
+from perlhf.scoring import position_ids
 from perlhf.vlm import is_vision_language
 
 POLICY, VALUE, REFERENCE = "policy", "value", "reference"
@@ -170,11 +171,6 @@ def value_backbone(cfg: ModelConfig, name_or_path: str | None) -> nn.Module:
 
 def hf_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as ``generate`` assigns them: ``(N, T)``."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def response_hidden(

@@ -17,6 +17,7 @@ from perlhf.losses import classifier_loss, pairwise_loss
 from perlhf.models import ModelConfig, build_reward_model, load_tokenizer
 from perlhf.modules.base import TrainableOnlyModule, check_training_config, default_optimizer
 from perlhf.packing import PackedPairs, pack_pairs
+from perlhf.scoring import sequence_scores
 from perlhf.vlm import VisionRewardModel
 
 Batch = dict[str, torch.Tensor]
@@ -93,9 +94,9 @@ class RewardModule(TrainableOnlyModule):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **vision: torch.Tensor
     ) -> torch.Tensor:
-        """Scalar rewards ``(N,)`` in float32 for sequences ``(N, L)`` (and a VLM's image inputs)."""
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **vision).logits
-        return logits.squeeze(-1).float()
+        """Scalar rewards ``(N,)`` in float32 for sequences ``(N, L)`` (and a VLM's image inputs),
+        padded on either side with any id (``perlhf.scoring.sequence_scores``)."""
+        return sequence_scores(self.model, input_ids, attention_mask, **vision)
 
     def _check_packable(self) -> None:
         if isinstance(self.model, VisionRewardModel):

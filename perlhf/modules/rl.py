@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.loggers import TensorBoardLogger
 from safetensors.torch import save_file
 from torch import nn
 
 from perlhf import losses
+from perlhf.contracts import check_rollout_batch, check_rollout_source
 from perlhf.data.images import combine_vision, load_processor
 from perlhf.guards import check_finite
 from perlhf.models import ModelConfig, build_causal_lm, checkpointing_in_eval, load_tokenizer
@@ -38,6 +38,7 @@ from perlhf.modules.policy import (
     value_backbone,
 )
 from perlhf.modules.rl_config import Algorithm, KLController, KLSpec, PPOSpec, ValueMode
+from perlhf.samples import log_samples
 from perlhf.strategies import gathered_params
 from perlhf.utils import peak_memory_mb
 from perlhf.vlm import is_vision_language
@@ -230,6 +231,8 @@ class PPOModule(TrainableOnlyModule):
     # ----------------------------------------------------------------------------- RL step
     def training_step(self, batch: Batch, batch_idx: int) -> None:
         self.eval()
+        group = 2 if self.algorithm in ("rloo", "grpo") else 1
+        batch = check_rollout_batch(batch, self.tokenizer, min_samples_per_prompt=group)
         self._check_finite("reward-model scores", batch["scores"])
         self.initialize_value_head(batch["scores"])
         n = batch["response_ids"].shape[0]
@@ -270,6 +273,7 @@ class PPOModule(TrainableOnlyModule):
 
     def on_train_start(self) -> None:
         super().on_train_start()
+        check_rollout_source(self.trainer.train_dataloader)  # sized, sampled when reached
         self._stop_at_max_rollouts()  # a resumed run may already be there
 
     def _stop_at_max_rollouts(self) -> None:
@@ -444,6 +448,7 @@ class PPOModule(TrainableOnlyModule):
 
     # ----------------------------------------------------------------------------- validation
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        batch = check_rollout_batch(batch, self.tokenizer)
         n = batch["response_ids"].shape[0]
         mask = batch["response_mask"].float()
         idx = torch.arange(n, device=self.device)
@@ -475,6 +480,7 @@ class PPOModule(TrainableOnlyModule):
             "train/kl_coef": self.kl_ctl.value,
             "train/response_length": mask.sum(-1).mean().item(),
             "train/eos_fraction": batch["ended_with_eos"].float().mean().item(),
+            # Per phase (update here, generation below); ThroughputMonitor times the whole loop.
             "train/update_tokens_per_s": n_tokens
             * self.ppo.epochs
             / max(time.perf_counter() - self._t0, 1e-9),
@@ -504,14 +510,10 @@ class PPOModule(TrainableOnlyModule):
         self._t0 = time.perf_counter()
 
     def _log_samples(self, batch: Batch, limit: int = 8) -> None:
-        if not isinstance(self.logger, TensorBoardLogger):
-            return
-        rows = ["| prompt | response | reward |", "|---|---|---|"]
-        for prompt, response, score in list(
-            zip(batch["prompts"], batch["responses"], batch["scores"].tolist(), strict=True)
-        )[:limit]:
-            rows.append(f"| {_cell(prompt)} | {_cell(response)} | {score:.3f} |")
-        self.logger.experiment.add_text("train/samples", "\n".join(rows), self.rollout_step)
+        rows = list(zip(batch["prompts"], batch["responses"], batch["scores"].tolist(), strict=True))
+        log_samples(
+            self.loggers, "train/samples", ["prompt", "response", "reward"], rows[:limit], self.rollout_step
+        )
 
     def _check_finite(self, name: str, tensor: torch.Tensor) -> None:
         """Stop unless ``tensor`` is finite on every rank (``perlhf.guards``); the last good state
@@ -577,7 +579,3 @@ def _sequences(batch: Batch, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     prompt_ids, response_ids = batch["prompt_ids"][idx], batch["response_ids"][idx]
     attention_mask = torch.cat([batch["prompt_mask"][idx], batch["response_mask"][idx]], dim=1)
     return torch.cat([prompt_ids, response_ids], dim=1), attention_mask, prompt_ids.shape[1]
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "⏎")
