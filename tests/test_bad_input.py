@@ -71,7 +71,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, pref
             "class_path": "perlhf.data.RolloutDataModule",
             "init_args": {
                 "path": "prompts.jsonl",
-                "reward_model": str(root / "reward"),
+                "reward_model": str(tiny_model_dir),  # an existing folder: the stage-order check passes
                 "samples_per_prompt": 2,
             },
         },

@@ -19,6 +19,9 @@ from perlhf.modules import PPOModule, RewardModule, SFTModule
 from perlhf.modules.rl_config import PPOSpec
 from perlhf.plot import PLOTTED
 
+# The recording logger below keeps scalars only; sample tables have no place in it.
+pytestmark = pytest.mark.filterwarnings("ignore:Names has no way to store text")
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 TEXT_TABLES = {"train/samples"}
 """Named in the README, logged as text, not as a scalar."""
@@ -89,7 +92,9 @@ def logged(
     rl = PPOModule(config, algorithm="ppo", ppo=PPOSpec(epochs=1, minibatch_size=8), log_samples_every=1)
     return {
         "sft": fit(SFTModule(config), sft, root / "sft", max_steps=2, val_check_interval=2),
-        "reward": fit(RewardModule(config), prefs, root / "rm", max_steps=2, val_check_interval=2),
+        "reward": fit(
+            RewardModule(config, share_prefix=True), prefs, root / "rm", max_steps=2, val_check_interval=2
+        ),
         "rl": fit(rl, rollouts, root / "rl", max_epochs=1, callbacks=[GoldScore()]),
     }
 
