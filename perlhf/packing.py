@@ -10,8 +10,9 @@ them). ``pack_pairs`` writes each pair as one row ``prefix | chosen tail | rejec
 
 The two rewards read at the tails' last tokens then equal the unshared path's (up to float
 rounding), and so do the loss and its gradients, while the prefix is computed once: fewer FLOPs
-and fewer stored activations. Layouts with padding on the right only; attention through a
-backbone that accepts 4D masks (``sdpa`` or ``eager``; not ``flash_attention_2``).
+and fewer stored activations. Attention runs through a
+backbone that accepts 4D masks (``sdpa`` or ``eager``; not ``flash_attention_2``). Input rows
+may be padded on either side; packed rows are padded on the right.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> PackedPairs:
-    """Pack a pairwise batch (``(2B, L)``, rows ``[:B]`` chosen and ``[B:]`` rejected, right-padded)
+    """Pack a pairwise batch (``(2B, L)``, rows ``[:B]`` chosen and ``[B:]`` rejected, padded on
+    either side)
     into ``B`` rows that compute each pair's common prefix once.
 
     The shared prefix stops one token short of the shorter sequence's end, so each tail keeps at
@@ -80,14 +82,11 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_
     """
     if input_ids.shape[0] % 2:
         raise ValueError(f"pack_pairs: a pairwise batch has an even number of rows, got {input_ids.shape[0]}")
-    lengths = attention_mask.sum(dim=1).tolist()
-    if any(int(attention_mask[i, : int(n)].sum()) != n for i, n in enumerate(lengths)):
-        raise ValueError("pack_pairs: rows must be right-padded (real tokens first)")
     n_pairs = input_ids.shape[0] // 2
     rows, positions, segments, ends = [], [], [], []
     for i in range(n_pairs):
-        chosen = input_ids[i, : int(lengths[i])].tolist()
-        rejected = input_ids[n_pairs + i, : int(lengths[n_pairs + i])].tolist()
+        chosen = input_ids[i][attention_mask[i].bool()].tolist()  # real tokens, either padding side
+        rejected = input_ids[n_pairs + i][attention_mask[n_pairs + i].bool()].tolist()
         p = min(common_prefix(chosen, rejected), len(chosen) - 1, len(rejected) - 1)
         rows.append(chosen + rejected[p:])
         positions.append(list(range(len(chosen))) + list(range(p, len(rejected))))
@@ -104,5 +103,5 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_
         position_ids=pad(positions, 0).to(device),
         segments=pad(segments, PAD).to(device),
         ends=torch.tensor(ends, dtype=torch.long, device=device),
-        unshared_tokens=int(sum(lengths)),
+        unshared_tokens=int(attention_mask.sum()),
     )

@@ -41,10 +41,13 @@ def test_pack_pairs_by_hand() -> None:
     assert additive[4, 2] == torch.finfo(torch.float32).min and additive[4, 1] == 0
 
 
-def test_pack_pairs_refuses_left_padding() -> None:
-    ids = torch.tensor([[0, 5, 6], [5, 6, 7]])
-    with pytest.raises(ValueError, match="right-padded"):
-        pack_pairs(ids, torch.tensor([[0, 1, 1], [1, 1, 1]]), pad_token_id=0)
+def test_pack_pairs_reads_either_padding_side() -> None:
+    right = torch.tensor([[5, 6, 7, 0], [5, 6, 9, 8]])
+    left = torch.tensor([[0, 5, 6, 7], [5, 6, 9, 8]])
+    masks = (torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+    a, b = (pack_pairs(ids, mask, pad_token_id=0) for ids, mask in zip((right, left), masks, strict=True))
+    assert a.input_ids.tolist() == b.input_ids.tolist() == [[5, 6, 7, 9, 8]]
+    assert a.position_ids.tolist() == b.position_ids.tolist() == [[0, 1, 2, 2, 3]]
 
 
 @pytest.fixture(scope="module")
