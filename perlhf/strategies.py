@@ -231,6 +231,14 @@ class HFDeepSpeedStrategy(DeepSpeedStrategy):
         self._hf_deepspeed_config = None
 
 
+def is_sharded(trainer_or_strategy: Any) -> bool:
+    """Whether the strategy shards parameters across ranks (FSDP, DeepSpeed ZeRO-3)."""
+    strategy = getattr(trainer_or_strategy, "strategy", trainer_or_strategy)
+    if isinstance(strategy, FSDPStrategy):
+        return True
+    return isinstance(strategy, DeepSpeedStrategy) and bool(strategy.zero_stage_3)
+
+
 @contextlib.contextmanager
 def gathered_params(trainer_or_strategy: Any) -> Iterator[None]:
     """Every parameter whole on every rank inside the block, sharded again after it.

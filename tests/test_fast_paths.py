@@ -4,6 +4,7 @@ LoRA on the top blocks adapts exactly those blocks."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import torch
 from perlhf.data import PreferenceDataModule
 from perlhf.losses import pairwise_loss
 from perlhf.models import LoraSpec, ModelConfig, build_causal_lm
-from perlhf.modules import RewardModule
+from perlhf.modules import PPOModule, RewardModule
+from perlhf.modules.policy import POLICY, active_adapter, adapters_disabled, merged_lora
 from perlhf.packing import CHOSEN, PAD, PREFIX, REJECTED, pack_pairs
 from perlhf.tiny import save_tiny
 
@@ -158,3 +160,50 @@ def test_shared_prefix_trains_through_trainer(
     assert 0.3 < float(logged["train/packed_token_fraction"]) < 0.9  # the prompts were computed once
     assert float(logged["train/loss"]) < 0.69  # below chance (log 2): it learned
     assert float(logged["val/accuracy"]) > 0.6
+
+
+def _lora_policy(model_dir: Path, **lora: Any) -> PPOModule:
+    """A PPOModule whose policy adapter is away from B = 0, so merging changes the weights."""
+    spec = LoraSpec(r=4, dropout=0.0, target_modules="all-linear", **lora)
+    module = PPOModule(ModelConfig(name_or_path=str(model_dir), disable_dropout=True, lora=spec))
+    module.configure_model()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.policy.named_parameters():
+            if "lora_" in name and f".{POLICY}." in name:
+                p.normal_(0, 0.2)
+    return module
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # GPT-2: Conv1D weights stored transposed
+def test_merged_generation_is_exact(arch: str, tiny_model_dir: Path, tiny_llama: Path) -> None:
+    module = _lora_policy(tiny_model_dir if arch == "gpt2" else tiny_llama)
+    policy = module.policy.eval()
+    frozen = {n: (p, p.detach().clone(), p.requires_grad) for n, p in policy.named_parameters()}
+    ids = torch.randint(3, 60, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding, as rollouts have
+    with torch.no_grad(), active_adapter(policy, POLICY):
+        unmerged = policy(input_ids=ids, attention_mask=mask).logits
+        with merged_lora(policy) as merged:
+            folded = policy(input_ids=ids, attention_mask=mask).logits
+        with adapters_disabled(policy):
+            base = policy(input_ids=ids, attention_mask=mask).logits
+    assert merged
+    assert (unmerged - base).abs().max() > 1e-2  # the adapter matters ...
+    torch.testing.assert_close(folded, unmerged, atol=1e-5, rtol=1e-5)  # ... and folding keeps it
+    samples = []
+    for merge in (False, True):
+        module.merge_for_generation = merge
+        torch.manual_seed(1)
+        samples.append(module.generate(ids, mask, max_new_tokens=6, do_sample=True))
+    assert torch.equal(samples[0], samples[1])
+    for name, p in policy.named_parameters():  # the same parameter objects, bit-identical
+        original, value, requires_grad = frozen[name]
+        assert p is original and torch.equal(p, value) and p.requires_grad == requires_grad, name
+
+
+def test_merged_generation_skips_dora(tiny_llama: Path) -> None:
+    policy = _lora_policy(tiny_llama, use_dora=True).policy
+    with active_adapter(policy, POLICY), merged_lora(policy) as merged:
+        assert not merged

@@ -107,6 +107,51 @@ def start_from_adapter(policy: PeftModel, path: str) -> None:
             layer.scaling[POLICY] = layer.scaling[REFERENCE]
 
 
+@contextlib.contextmanager
+def merged_lora(model: nn.Module) -> Iterator[bool]:
+    """Fold each active LoRA update into its base weight for the block; yields whether it did.
+
+    Generation then runs plain ``W' x`` matmuls instead of ``W x + B A x`` per adapted layer (and
+    per decoded token). Exact and reversible: ``W' = W + scale * B @ A`` is a new tensor that
+    stands in for the base weight while the adapters are disabled, and the original parameter
+    objects (bit-identical, still in the optimiser) come back afterwards; peft's in-place
+    merge/unmerge would drift the frozen weights by rounding at every rollout. Costs one copy of
+    the adapted weights while the block runs. Skipped (yields False) for DoRA and quantised
+    (non-float) base weights, and inside sharded strategies' gathered parameters, which the
+    caller decides.
+    """
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, BaseTunerLayer) and not m.disable_adapters and hasattr(m, "get_delta_weight")
+    ]
+    adapters = [[a for a in layer.active_adapters if a in getattr(layer, "lora_A", {})] for layer in layers]
+    usable = all(
+        layer.get_base_layer().weight.is_floating_point()
+        and not any(getattr(layer, "use_dora", {}).get(a, False) for a in names)
+        for layer, names in zip(layers, adapters, strict=True)
+    )
+    if not layers or not usable:
+        yield False
+        return
+    saved: list[tuple[nn.Module, nn.Parameter]] = []
+    try:
+        with torch.no_grad():
+            for layer, names in zip(layers, adapters, strict=True):
+                base = layer.get_base_layer()
+                weight = base.weight
+                merged = weight.detach().clone()
+                for name in names:
+                    merged += layer.get_delta_weight(name).to(merged.dtype)
+                saved.append((base, weight))
+                base.weight = nn.Parameter(merged, requires_grad=False)
+        with _adapter_state(layers, [(list(layer.active_adapters), True) for layer in layers]):
+            yield True
+    finally:
+        for base, weight in saved:
+            base.weight = weight
+
+
 def recompute_under_forward_adapters(model: nn.Module) -> None:
     """Make activation checkpointing recompute each block under the adapter state of its forward.
 
