@@ -88,7 +88,13 @@ def run(root: Path, target: str, prompts: int, new_tokens: int, repeats: int) ->
     def plain() -> torch.Tensor:
         with torch.no_grad(), clean_generation_config(merged_model):
             return merged_model.generate(
-                input_ids=ids, attention_mask=mask, use_cache=True, temperature=1.0, top_k=0, top_p=1.0, **kwargs
+                input_ids=ids,
+                attention_mask=mask,
+                use_cache=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                **kwargs,
             )
 
     variants = {
