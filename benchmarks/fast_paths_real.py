@@ -9,6 +9,11 @@ the plain path; ``share_prefix`` (each pair's prompt computed once); LoRA on the
 blocks only (``lora.layers``); and both. Every variant sees the same batches, in one process,
 after warm-up steps; the median over the timed steps is reported with the tokens the forward pass
 computed. Take it on an otherwise idle machine.
+
+``--rl`` times the RL update pass instead (``PPOModule(algorithm="grpo")``, LoRA r8 on all linear
+layers, forward + backward over 8 prompts x 4 of the model's own sampled answers, the cached
+``data/samples/train.jsonl``), with and without ``share_prompt``; it writes
+``fast-paths-real-rl.{json,md}``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,13 +62,115 @@ def step_times(root: Path, variant: dict, batches: list[dict], warmup: int) -> l
     return times
 
 
+def rl_batches(root: Path, tokenizer: Any, steps: int, prompts: int = 8) -> list[dict]:
+    """Rollout batches of the model's own answers: ``prompts`` prompts x 4 answers each, prompts
+    left-padded, responses right-padded after EOS (the RolloutDataModule's layout)."""
+    from perlhf.data.rollout_utils import left_pad, right_pad
+
+    rows = [json.loads(line) for line in (root / "data/samples/train.jsonl").read_text().splitlines()]
+    batches = []
+    for s in range(steps):
+        prompt_ids, responses = [], []
+        for row in rows[s * prompts : (s + 1) * prompts]:
+            text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            for answer in row["responses"]:
+                prompt_ids.append(ids)
+                answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+                responses.append(answer_ids + [tokenizer.eos_token_id])
+        p_ids, p_mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+        r_ids, r_mask = right_pad(responses, tokenizer.pad_token_id)
+        batches.append(
+            {"prompt_ids": p_ids, "prompt_mask": p_mask, "response_ids": r_ids, "response_mask": r_mask}
+        )
+    return batches
+
+
+def rl_step_times(root: Path, share: bool, batches: list[dict], warmup: int) -> tuple[list[float], float]:
+    """Forward + backward of the policy over each batch; returns the step times and the share of
+    columns computed (packed tokens over the unshared rows' columns)."""
+    from perlhf.modules import PPOModule
+    from perlhf.packing import pack_groups
+
+    config = ModelConfig(
+        name_or_path=str(root / "smollm2-135m-instruct"),
+        lora=LoraSpec(r=8, alpha=16, dropout=0.0, target_modules="all-linear"),
+    )
+    module = PPOModule(config, algorithm="grpo", share_prompt=share)
+    module.configure_model()
+    times, fractions = [], []
+    for i, batch in enumerate(batches):
+        idx = torch.arange(len(batch["prompt_ids"]))
+        start = time.perf_counter()
+        out = module._forward(batch, idx, with_values=False)
+        mask = batch["response_mask"]
+        ((out["logprobs"] * mask).sum() / mask.sum()).backward()
+        module.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        packed = pack_groups(
+            *(batch[k] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")), 0
+        )
+        fractions.append(packed.tokens / packed.unshared_tokens if share else 1.0)
+    return times, statistics.mean(fractions)
+
+
+def main_rl(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    root = Path(args.root)
+    tokenizer = AutoTokenizer.from_pretrained(root / "smollm2-135m-instruct")
+    batches = rl_batches(root, tokenizer, args.steps + args.warmup)
+    rows = {}
+    for name, share in (("unshared", False), ("share_prompt", True)):
+        times, fraction = rl_step_times(root, share, batches, args.warmup)
+        rows[name] = {
+            "median_step_s": statistics.median(times),
+            "steps_s": times,
+            "columns_fraction": fraction,
+        }
+        print(name, f"{rows[name]['median_step_s']:.2f} s", flush=True)
+    base = rows["unshared"]["median_step_s"]
+    out = Path(args.out + "-rl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "command": "python benchmarks/fast_paths_real.py --rl",
+        "model": "SmolLM2-135M-Instruct, LoRA r8 all-linear, 8 prompts x 4 sampled answers per step, fp32",
+        "torch_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "versions": {"torch": torch.__version__},
+        "variants": rows,
+    }
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    lines = [
+        "# RL update pass on SmolLM2-135M-Instruct: prompt sharing",
+        "",
+        f"`{result['command']}`; {result['model']}; forward + backward of the policy; "
+        f"{result['torch_threads']} threads; median of {args.steps} steps after {args.warmup} warm-up steps.",
+        "",
+        "| variant | step (s) | speed-up | columns computed (of the padded unshared rows) |",
+        "|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        lines.append(
+            f"| {name} | {row['median_step_s']:.2f} | {base / row['median_step_s']:.2f}x | "
+            f"{row['columns_fraction']:.2f} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="checkpoints/real")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/cpu/fast-paths-real")
+    parser.add_argument("--rl", action="store_true", help="time the RL update pass (share_prompt)")
     args = parser.parse_args()
+    if args.rl:
+        main_rl(args)
+        return
     root = Path(args.root)
     data = PreferenceDataModule(
         path="json",

@@ -1,4 +1,4 @@
-"""Prompt-prefix sharing for preference pairs: one packed sequence per pair.
+"""Prompt sharing: one packed sequence per preference pair, and per rollout prompt.
 
 A chosen and a rejected response to the same prompt share the prompt's tokens (often most of
 them). ``pack_pairs`` writes each pair as one row ``prefix | chosen tail | rejected tail``, where
@@ -13,6 +13,10 @@ rounding), and so do the loss and its gradients, while the prefix is computed on
 and fewer stored activations. Attention runs through a
 backbone that accepts 4D masks (``sdpa`` or ``eager``; not ``flash_attention_2``). Input rows
 may be padded on either side; packed rows are padded on the right.
+
+``pack_groups`` does the same for RL: the responses sampled for one prompt
+(``samples_per_prompt > 1``) become one row ``prompt | response_1 | … | response_k``, so the
+no-grad and update passes compute each prompt once, and responses carry no padding.
 """
 
 from __future__ import annotations
@@ -47,19 +51,26 @@ class PackedPairs:
 
     def attention_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``(B, 1, L, L)``: bool (True = attend) when ``dtype`` is None, else additive
-        (0 or the dtype's minimum) for eager attention. A query attends to earlier-or-same
-        columns of the prefix or of its own segment; a padding query attends to padding only (its
-        output is never read)."""
-        seg = self.segments
-        length = seg.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
-        same = seg[:, :, None] == seg[:, None, :]
-        visible = (seg[:, None, :] == PREFIX) & (seg[:, :, None] != PAD)
-        allowed = causal & (same | visible)
-        if dtype is None:
-            return allowed[:, None]
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=seg.device)
-        return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        (0 or the dtype's minimum) for eager attention (``segment_attention_mask``)."""
+        return segment_attention_mask(self.segments, PAD, dtype)
+
+
+def segment_attention_mask(
+    segments: torch.Tensor, pad: int, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``(B, 1, L, L)`` block-causal mask of packed rows ``segments`` ``(B, L)``, where segment 0
+    is the shared prefix: a query attends to earlier-or-same columns of the prefix or of its own
+    segment; a padding query (segment ``pad``) attends to padding only (its output is never read).
+    Bool (True = attend) when ``dtype`` is None, else additive (0 or the dtype's minimum)."""
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    same = segments[:, :, None] == segments[:, None, :]
+    visible = (segments[:, None, :] == 0) & (segments[:, :, None] != pad)
+    allowed = causal & (same | visible)
+    if dtype is None:
+        return allowed[:, None]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -104,4 +115,97 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_
         segments=pad(segments, PAD).to(device),
         ends=torch.tensor(ends, dtype=torch.long, device=device),
         unshared_tokens=int(attention_mask.sum()),
+    )
+
+
+# ------------------------------------------------------------------------- rollout groups
+GROUP_PAD = -1
+"""Segment id of padding in packed rollout groups (0: the prompt, ``j + 1``: its ``j``-th response)."""
+
+
+@dataclass
+class PackedGroups:
+    """``n`` rollout rows packed into ``G`` rows, one per distinct prompt:
+    ``prompt | response_1 | … | response_k | padding`` (each response without its padding)."""
+
+    input_ids: torch.Tensor
+    """``(G, L)`` token ids."""
+    position_ids: torch.Tensor
+    """``(G, L)`` positions each token has in its unshared sequence (0 on padding)."""
+    segments: torch.Tensor
+    """``(G, L)``: 0 prompt, ``j + 1`` the group's ``j``-th response, ``GROUP_PAD`` padding."""
+    rows: torch.Tensor
+    """``(n,)`` packed row of each input row."""
+    predictors: torch.Tensor
+    """``(n, R)`` column whose hidden state predicts each response token (for tokens past a
+    response's end, its last column: their outputs are masked out)."""
+    unshared_tokens: int
+    """Columns the unshared rows compute (``n * (P + R)``, padding included)."""
+
+    @property
+    def tokens(self) -> int:
+        """Real tokens of the packed rows."""
+        return int((self.segments != GROUP_PAD).sum())
+
+    def attention_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(G, 1, L, L)`` block-causal mask (``segment_attention_mask``)."""
+        return segment_attention_mask(self.segments, GROUP_PAD, dtype)
+
+    def hidden(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
+        """Per input row, the hidden states ``(n, R, H)`` that predict its response tokens, from the
+        packed rows' ``(G, L, H)``: what ``response_hidden`` gives for the unshared rows."""
+        return last_hidden_state[self.rows[:, None], self.predictors]
+
+
+def pack_groups(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    pad_token_id: int,
+) -> PackedGroups:
+    """Pack rollout rows (prompts ``(n, P)`` padded on either side, responses ``(n, R)``
+    right-padded) so that each distinct prompt is computed once for all its responses.
+
+    Rows with equal prompt tokens form a group wherever they are in the batch, so any minibatch of
+    a rollout with ``samples_per_prompt > 1`` shares what it can; a group of one still drops its
+    padding.
+    """
+    n, width_r = response_ids.shape
+    groups: dict[tuple[int, ...], list[int]] = {}
+    prompts = [prompt_ids[i][prompt_mask[i].bool()].tolist() for i in range(n)]
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(tuple(prompt), []).append(i)
+    lengths = response_mask.long().sum(dim=1).tolist()
+    ids, positions, segments = [], [], []
+    row_of, predictors = [0] * n, [[0] * width_r for _ in range(n)]
+    for g, (prompt, members) in enumerate(groups.items()):
+        p = len(prompt)
+        row, pos, seg = list(prompt), list(range(p)), [0] * p
+        for j, i in enumerate(members):
+            start, length = len(row), lengths[i]
+            row += response_ids[i, :length].tolist()
+            pos += range(p, p + length)
+            seg += [j + 1] * length
+            row_of[i] = g
+            # token t is predicted by the column before it: the prompt's last for t = 0
+            columns = [p - 1] + [start + t - 1 for t in range(1, length)]
+            last = columns[-1] if columns else p - 1
+            predictors[i] = (columns + [last] * width_r)[:width_r]
+        ids.append(row)
+        positions.append(pos)
+        segments.append(seg)
+    width = max(len(r) for r in ids)
+
+    def pad(values: list[list[int]], fill: int) -> torch.Tensor:
+        return torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=torch.long)
+
+    device = response_ids.device
+    return PackedGroups(
+        input_ids=pad(ids, pad_token_id).to(device),
+        position_ids=pad(positions, 0).to(device),
+        segments=pad(segments, GROUP_PAD).to(device),
+        rows=torch.tensor(row_of, dtype=torch.long, device=device),
+        predictors=torch.tensor(predictors, dtype=torch.long, device=device),
+        unshared_tokens=n * (prompt_ids.shape[1] + width_r),
     )

@@ -14,7 +14,7 @@ from perlhf.losses import pairwise_loss
 from perlhf.models import LoraSpec, ModelConfig, build_causal_lm
 from perlhf.modules import PPOModule, RewardModule
 from perlhf.modules.policy import POLICY, active_adapter, adapters_disabled, merged_lora
-from perlhf.packing import CHOSEN, PAD, PREFIX, REJECTED, pack_pairs
+from perlhf.packing import CHOSEN, GROUP_PAD, PAD, PREFIX, REJECTED, pack_groups, pack_pairs
 from perlhf.tiny import save_tiny
 
 
@@ -207,3 +207,93 @@ def test_merged_generation_skips_dora(tiny_llama: Path) -> None:
     policy = _lora_policy(tiny_llama, use_dora=True).policy
     with active_adapter(policy, POLICY), merged_lora(policy) as merged:
         assert not merged
+
+
+def test_pack_groups_by_hand() -> None:
+    # Rows 0 and 2 share prompt [5, 6] (row 2 left-padded); row 1 has its own prompt [7].
+    prompt_ids = torch.tensor([[5, 6], [0, 7], [5, 6]])
+    prompt_mask = torch.tensor([[1, 1], [0, 1], [1, 1]])
+    response_ids = torch.tensor([[8, 9, 2], [3, 0, 0], [4, 2, 0]])  # 2 = EOS, 0 = pad
+    response_mask = torch.tensor([[1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    packed = pack_groups(prompt_ids, prompt_mask, response_ids, response_mask, pad_token_id=0)
+    assert packed.input_ids.tolist() == [[5, 6, 8, 9, 2, 4, 2], [7, 3, 0, 0, 0, 0, 0]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 2, 3], [0, 1, 0, 0, 0, 0, 0]]
+    G = GROUP_PAD
+    assert packed.segments.tolist() == [[0, 0, 1, 1, 1, 2, 2], [0, 1, G, G, G, G, G]]
+    assert packed.rows.tolist() == [0, 1, 0]
+    # token t of a response is predicted at the column before it (the prompt's last for t = 0);
+    # columns past a response's end repeat its last predictor (masked out downstream)
+    assert packed.predictors.tolist() == [[1, 2, 3], [0, 0, 0], [1, 5, 5]]
+    assert (packed.tokens, packed.unshared_tokens) == (9, 15)
+    allowed = packed.attention_mask()[0, 0].long()
+    assert allowed[5].tolist() == [1, 1, 0, 0, 0, 1, 0]  # response 2 sees the prompt, not response 1
+
+
+def _rollout_batch(module: PPOModule, k: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A rollout-shaped batch: 3 prompts of different lengths (left-padded), ``k`` responses each
+    of different lengths (right-padded after EOS), rows shuffled so groups are not contiguous."""
+    gen = torch.Generator().manual_seed(seed)
+    pad, eos = module.tokenizer.pad_token_id, module.tokenizer.eos_token_id
+    prompts = [torch.randint(3, 60, (n,), generator=gen) for n in (5, 3, 4)]
+    width_p, width_r = 5, 6
+    rows = []
+    for prompt in prompts:
+        for j in range(k):
+            length = 2 + (j * 3 + len(prompt)) % (width_r - 1)
+            response = torch.randint(3, 60, (length,), generator=gen)
+            response[-1] = eos
+            rows.append((prompt, response))
+    order = torch.randperm(len(rows), generator=gen).tolist()
+    rows = [rows[i] for i in order]
+    batch = {
+        "prompt_ids": torch.full((len(rows), width_p), pad),
+        "prompt_mask": torch.zeros(len(rows), width_p, dtype=torch.long),
+        "response_ids": torch.full((len(rows), width_r), pad),
+        "response_mask": torch.zeros(len(rows), width_r, dtype=torch.long),
+    }
+    for i, (prompt, response) in enumerate(rows):
+        batch["prompt_ids"][i, width_p - len(prompt) :] = prompt
+        batch["prompt_mask"][i, width_p - len(prompt) :] = 1
+        batch["response_ids"][i, : len(response)] = response
+        batch["response_mask"][i, : len(response)] = 1
+    return batch
+
+
+@pytest.mark.parametrize("arch,attn", [("gpt2", "sdpa"), ("llama", "sdpa"), ("llama", "eager")])
+def test_shared_prompt_equals_unshared(arch: str, attn: str, tiny_model_dir: Path, tiny_llama: Path) -> None:
+    model_dir = tiny_model_dir if arch == "gpt2" else tiny_llama
+    modules = []
+    for share in (False, True):
+        spec = LoraSpec(r=4, dropout=0.0, target_modules="all-linear")
+        config = ModelConfig(
+            name_or_path=str(model_dir), attn_implementation=attn, disable_dropout=True, lora=spec
+        )
+        module = PPOModule(config, algorithm="ppo", share_prompt=share)
+        module.configure_model()
+        modules.append(module)
+    torch.manual_seed(0)
+    for p in modules[0].parameters():  # policy and value adapters and the value head away from 0
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    modules[1].load_state_dict(modules[0].state_dict())
+    batch = _rollout_batch(modules[0], k=3)
+    mask = batch["response_mask"].bool()
+    idx = torch.arange(len(batch["prompt_ids"]))
+    outs, grads = [], []
+    for module in modules:
+        module.sampling_temperature = 0.7
+        out = module._forward(batch, idx, with_values=True)
+        ref = module.reference_logprobs(batch, idx)
+        loss = (
+            (out["logprobs"] + out["values"]) * mask
+        ).sum() / mask.sum()  # a per-token mean, like the losses
+        loss.backward()
+        outs.append((out["logprobs"][mask], out["values"][mask], ref[mask]))
+        grads.append({n: p.grad for n, p in module.named_parameters() if p.requires_grad})
+    assert modules[1]._packing and not modules[0]._packing
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4)

@@ -20,6 +20,7 @@ from transformers import GenerationConfig
 
 from perlhf.losses import entropy_from_logits, logprobs_from_logits
 from perlhf.models import ModelConfig, build_causal_lm, enable_checkpointing, load_pretrained
+from perlhf.packing import PackedGroups
 from perlhf.scoring import position_ids
 from perlhf.vlm import is_vision_language
 
@@ -243,6 +244,20 @@ def response_hidden(
         **vision,
     )
     return out.last_hidden_state[:, prompt_len - 1 : -1]
+
+
+def packed_response_hidden(model: nn.Module, packed: PackedGroups) -> torch.Tensor:
+    """``response_hidden`` of rollout rows packed by prompt (``perlhf.packing.pack_groups``):
+    ``(n, R, H)``, equal to the unshared rows' up to float rounding; one pass over the groups."""
+    hf = hf_model(model)
+    eager = hf.config._attn_implementation == "eager"
+    out = hf.base_model(
+        input_ids=packed.input_ids,
+        attention_mask=packed.attention_mask(hf.dtype if eager else None),
+        position_ids=packed.position_ids,
+        use_cache=False,
+    )
+    return packed.hidden(out.last_hidden_state)
 
 
 def token_logprobs(

@@ -32,6 +32,7 @@ from perlhf.modules.policy import (
     frozen_causal_lm,
     hf_model,
     merged_lora,
+    packed_response_hidden,
     recompute_under_forward_adapters,
     response_hidden,
     start_from_adapter,
@@ -39,6 +40,7 @@ from perlhf.modules.policy import (
     value_backbone,
 )
 from perlhf.modules.rl_config import Algorithm, KLController, KLSpec, PPOSpec, ValueMode
+from perlhf.packing import pack_groups
 from perlhf.samples import log_samples
 from perlhf.strategies import gathered_params, is_sharded
 from perlhf.utils import peak_memory_mb
@@ -79,6 +81,11 @@ class PPOModule(TrainableOnlyModule):
         merge_for_generation: Sample with each LoRA update folded into a temporary copy of its base
             weight (exact; the frozen weights come back bit-identical), so decoding runs one matmul
             per layer instead of three. Skipped for DoRA, quantised and sharded (FSDP, ZeRO-3) models.
+        share_prompt: Compute each prompt once for all its sampled responses in the scoring and
+            update passes: one packed row ``prompt | response_1 | … | response_k`` per prompt with a
+            block-causal mask (``perlhf.packing.pack_groups``; exact up to float rounding), which
+            also drops padding. None: on where the backbone takes 4D masks (``sdpa``, ``eager``)
+            and prompts are text.
         max_rollouts: Stop training after this many rollouts (the RL run's length; the Trainer's
             ``max_steps`` counts optimiser steps, several per rollout for ppo, rloo and grpo).
             None: the Trainer's limits, ``max_epochs`` × ``data.rollouts_per_epoch`` rollouts.
@@ -99,6 +106,7 @@ class PPOModule(TrainableOnlyModule):
         log_samples_every: int = 10,
         max_rollouts: int | None = None,
         merge_for_generation: bool = True,
+        share_prompt: bool | None = None,
     ) -> None:
         super().__init__()
         model = ModelConfig.coerce(model)
@@ -135,6 +143,8 @@ class PPOModule(TrainableOnlyModule):
             raise ValueError(f"max_rollouts must be >= 1 or null, got {max_rollouts}")
         self.max_rollouts = max_rollouts
         self.merge_for_generation = merge_for_generation
+        self.share_prompt = share_prompt
+        self._packing = False
         self.kl_ctl = KLController(kl)
         self.rollout_step = 0
         self.sampling_temperature = 1.0
@@ -158,6 +168,7 @@ class PPOModule(TrainableOnlyModule):
             start_from_adapter(self.policy, self.policy_adapter)
         if self.reference_model or not self.is_lora:
             self.reference = frozen_causal_lm(self.config, self.reference_model or self.config.name_or_path)
+        self._packing = self._packable()
         if self.value_mode == "adapter":
             add_value_adapter(self.policy, self.config)
         elif self.value_mode == "separate":
@@ -171,6 +182,32 @@ class PPOModule(TrainableOnlyModule):
             nn.init.zeros_(self.value_head.bias)
         # Dropout would make rollout-time and update-time log-probs disagree: RL runs in eval mode.
         self.eval()
+
+    def _packable(self) -> bool:
+        config = hf_model(self.policy).config
+        impl = config._attn_implementation
+        ok = impl in ("sdpa", "eager") and not is_vision_language(config)
+        if self.share_prompt and not ok:
+            raise ValueError(
+                f"model.share_prompt needs a text backbone whose attention takes a 4D mask (sdpa or eager), "
+                f"not {impl!r}; set model.model.attn_implementation: sdpa, or share_prompt: false"
+            )
+        return ok if self.share_prompt is None else self.share_prompt
+
+    def _hidden(self, model: nn.Module, batch: Batch, idx: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``(n, R, H)`` of ``model`` that predict rows ``idx``'s response tokens,
+        each prompt computed once for its responses when packing (``share_prompt``)."""
+        if self._packing:
+            packed = pack_groups(
+                batch["prompt_ids"][idx],
+                batch["prompt_mask"][idx],
+                batch["response_ids"][idx],
+                batch["response_mask"][idx],
+                self.tokenizer.pad_token_id,
+            )
+            return packed_response_hidden(model, packed)
+        input_ids, attention_mask, prompt_len = _sequences(batch, idx)
+        return response_hidden(model, input_ids, attention_mask, prompt_len, **_vision(batch, idx))
 
     def _policy_ctx(self) -> Any:
         return active_adapter(self.policy, POLICY) if self.is_lora else contextlib.nullcontext()
@@ -199,12 +236,9 @@ class PPOModule(TrainableOnlyModule):
         self, batch: Batch, idx: torch.Tensor, with_values: bool, with_entropy: bool = False
     ) -> dict:
         """Policy log-probs ``(n, R)`` (+ entropy) and values ``(n, R)`` for rows ``idx``."""
-        input_ids, attention_mask, prompt_len = _sequences(batch, idx)
         response_ids = batch["response_ids"][idx]
         with self._policy_ctx():
-            hidden = response_hidden(
-                self.policy, input_ids, attention_mask, prompt_len, **_vision(batch, idx)
-            )
+            hidden = self._hidden(self.policy, batch, idx)
         logprobs, entropy = token_logprobs(
             self.policy, hidden, response_ids, self.sampling_temperature, with_entropy
         )
@@ -216,19 +250,16 @@ class PPOModule(TrainableOnlyModule):
     def _values(self, batch: Batch, idx: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """Critic values ``(n, R)`` for rows ``idx``; ``hidden``: the policy's, for ``shared``."""
         if hidden is None:
-            input_ids, attention_mask, prompt_len = _sequences(batch, idx)
-            vision = _vision(batch, idx)
             if self.value_mode == "adapter":
                 with active_adapter(self.policy, VALUE):
-                    hidden = response_hidden(self.policy, input_ids, attention_mask, prompt_len, **vision)
+                    hidden = self._hidden(self.policy, batch, idx)
             else:
-                hidden = response_hidden(self.critic, input_ids, attention_mask, prompt_len, **vision)
+                hidden = self._hidden(self.critic, batch, idx)
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
 
     @torch.no_grad()
     def reference_logprobs(self, batch: Batch, idx: torch.Tensor) -> torch.Tensor:
         """Reference-policy log-probs ``(n, R)``: adapters disabled, or the separate reference."""
-        input_ids, attention_mask, prompt_len = _sequences(batch, idx)
         if self.reference is not None:
             model, ctx = self.reference, contextlib.nullcontext()
         elif self.policy_adapter:
@@ -236,7 +267,7 @@ class PPOModule(TrainableOnlyModule):
         else:
             model, ctx = self.policy, adapters_disabled(self.policy)
         with ctx:
-            hidden = response_hidden(model, input_ids, attention_mask, prompt_len, **_vision(batch, idx))
+            hidden = self._hidden(model, batch, idx)
             return token_logprobs(model, hidden, batch["response_ids"][idx], self.sampling_temperature)[0]
 
     # ----------------------------------------------------------------------------- RL step
