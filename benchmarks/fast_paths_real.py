@@ -10,7 +10,7 @@ blocks only (``lora.layers``); and both. Every variant sees the same batches, in
 after warm-up steps; the median over the timed steps is reported with the tokens the forward pass
 computed. Take it on an otherwise idle machine.
 
-``--rl`` times the RL update pass instead (``PPOModule(algorithm="grpo")``, LoRA r8 on all linear
+``--rl`` times the RL update pass instead (``PPOModule(algorithm="rloo")``, LoRA r8 on all linear
 layers, forward + backward over 8 prompts x 4 of the model's own sampled answers, the cached
 ``data/samples/train.jsonl``), with and without ``share_prompt``; it writes
 ``fast-paths-real-rl.{json,md}``.
@@ -96,7 +96,7 @@ def rl_step_times(root: Path, share: bool, batches: list[dict], warmup: int) -> 
         name_or_path=str(root / "smollm2-135m-instruct"),
         lora=LoraSpec(r=8, alpha=16, dropout=0.0, target_modules="all-linear"),
     )
-    module = PPOModule(config, algorithm="grpo", share_prompt=share)
+    module = PPOModule(config, algorithm="rloo", share_prompt=share)
     module.configure_model()
     times, fractions = [], []
     for i, batch in enumerate(batches):
