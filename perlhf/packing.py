@@ -73,6 +73,12 @@ def segment_attention_mask(
     return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def right_pad_rows(values: list[list[int]], fill: int) -> torch.Tensor:
+    """``(B, longest)`` long tensor of the rows ``values``, right-padded with ``fill``."""
+    width = max(len(v) for v in values)
+    return torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=torch.long)
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two token lists."""
     n = 0
@@ -103,16 +109,11 @@ def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_
         positions.append(list(range(len(chosen))) + list(range(p, len(rejected))))
         segments.append([PREFIX] * p + [CHOSEN] * (len(chosen) - p) + [REJECTED] * (len(rejected) - p))
         ends.append([len(chosen) - 1, len(rows[-1]) - 1])
-    width = max(len(r) for r in rows)
-
-    def pad(values: list[list[int]], fill: int) -> torch.Tensor:
-        return torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=torch.long)
-
     device = input_ids.device
     return PackedPairs(
-        input_ids=pad(rows, pad_token_id).to(device),
-        position_ids=pad(positions, 0).to(device),
-        segments=pad(segments, PAD).to(device),
+        input_ids=right_pad_rows(rows, pad_token_id).to(device),
+        position_ids=right_pad_rows(positions, 0).to(device),
+        segments=right_pad_rows(segments, PAD).to(device),
         ends=torch.tensor(ends, dtype=torch.long, device=device),
         unshared_tokens=int(attention_mask.sum()),
     )
@@ -195,16 +196,11 @@ def pack_groups(
         ids.append(row)
         positions.append(pos)
         segments.append(seg)
-    width = max(len(r) for r in ids)
-
-    def pad(values: list[list[int]], fill: int) -> torch.Tensor:
-        return torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=torch.long)
-
     device = response_ids.device
     return PackedGroups(
-        input_ids=pad(ids, pad_token_id).to(device),
-        position_ids=pad(positions, 0).to(device),
-        segments=pad(segments, GROUP_PAD).to(device),
+        input_ids=right_pad_rows(ids, pad_token_id).to(device),
+        position_ids=right_pad_rows(positions, 0).to(device),
+        segments=right_pad_rows(segments, GROUP_PAD).to(device),
         rows=torch.tensor(row_of, dtype=torch.long, device=device),
         predictors=torch.tensor(predictors, dtype=torch.long, device=device),
         unshared_tokens=n * (prompt_ids.shape[1] + width_r),
