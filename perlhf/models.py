@@ -35,6 +35,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from perlhf.hub import check_model_source
 from perlhf.vlm import VisionRewardModel, is_vision_language, lora_target_regex, submodule_path
 
 # Attention projections per architecture (``config.model_type``). GPT-2 style models name the
@@ -162,6 +163,11 @@ class ModelConfig:
     def tokenizer_name_or_path(self) -> str:
         return self.tokenizer or self.name_or_path
 
+    @property
+    def tokenizer_key(self) -> str:
+        """The config key ``tokenizer_name_or_path`` comes from, named in errors."""
+        return "model.tokenizer" if self.tokenizer else "model.name_or_path"
+
     @classmethod
     def coerce(cls, value: ModelConfig | dict) -> ModelConfig:
         """Accept the plain dict a checkpoint's hyperparameters hold (see ``asdict``)."""
@@ -184,22 +190,14 @@ def pretrained_location(name_or_path: str | Path) -> tuple[str, dict]:
     return path, {}
 
 
-def check_model_source(name_or_path: str, what: str = "model.name_or_path") -> None:
-    """A value that can only be a local path (absolute, ``./``, ``~``, or more than one ``/``: hub
-    ids are ``org/name``) must exist; say so instead of transformers' "Repo id must be…"."""
-    looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
-    if looks_local and not Path(name_or_path).expanduser().exists():
-        raise FileNotFoundError(
-            f"{what}={name_or_path!r}: no such folder (relative paths resolve from {Path.cwd()}); run "
-            "the stage that writes it first, or give an existing folder or a hub id (org/name)"
-        )
-
-
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load a tokenizer; if it has no pad token, pad with eos (the usual choice for decoder LMs)."""
+def load_tokenizer(
+    name_or_path: str, trust_remote_code: bool = False, what: str = "tokenizer"
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer; if it has no pad token, pad with eos (the usual choice for decoder LMs).
+    ``what`` is the config key of ``name_or_path``, named in errors."""
     location, extra = pretrained_location(name_or_path)
     if not extra:
-        check_model_source(name_or_path, "tokenizer (model.name_or_path or tokenizer)")
+        check_model_source(name_or_path, what)
     tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code, **extra)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:

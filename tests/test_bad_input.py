@@ -191,3 +191,70 @@ def test_resume_applies_a_changed_per_step_value_and_says_so(
     )
     assert cli.model.center_coef == 0.1 and cli.trainer.global_step == 3
     assert "with model.init_args.center_coef=0.1 (was 0.0)" in capsys.readouterr().err
+
+
+HUB_CASES = {
+    # item 9: a hub id with no way to reach the hub must fail in seconds, naming key, value and fix
+    "model hub id, offline mode": (
+        "reward",
+        "--model.init_args.model.name_or_path=perlhf-test/does-not-exist",
+        "offline",
+        ["model.name_or_path='perlhf-test/does-not-exist'", "HF_HUB_OFFLINE", "local folder"],
+    ),
+    "model hub id, hub unreachable": (
+        "reward",
+        "--model.init_args.model.name_or_path=perlhf-test/does-not-exist",
+        "unreachable",
+        ["model.name_or_path='perlhf-test/does-not-exist'", "cannot be reached", "local folder"],
+    ),
+    "reward model hub id, hub unreachable": (
+        "rl",
+        "--data.init_args.reward_model=perlhf-test/does-not-exist",
+        "unreachable",
+        ["data.init_args.reward_model='perlhf-test/does-not-exist'", "cannot be reached", "local folder"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HUB_CASES))
+def test_hub_id_without_network_fails_fast_naming_the_key(
+    case: str, workdir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Independent of this machine's network: offline mode, or an endpoint that refuses at once
+    (the discard port of localhost), with an empty cache."""
+    import time
+
+    from huggingface_hub import constants
+
+    config, arg, mode, phrases = HUB_CASES[case]
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(workdir / "empty-hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", mode == "offline")
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises((Exception, SystemExit)) as failure:
+        cli_main(["fit", "--config", str(workdir / f"{config}.yaml"), arg])
+    elapsed = time.monotonic() - start
+    message = f"{failure.value}\n{capsys.readouterr().err}"
+    for phrase in phrases:
+        assert phrase in message, message[-2000:]
+    assert elapsed < 15, f"took {elapsed:.0f} s to fail"
+
+
+def test_cached_hub_id_loads_offline_and_names_the_fix_when_the_hub_is_unreachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    from perlhf.hub import check_model_source
+
+    snapshot = tmp_path / "models--perlhf-test--cached" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    check_model_source("perlhf-test/cached")  # offline mode reads the cached copy: nothing to say
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(ConnectionError, match="a copy is in the cache: set HF_HUB_OFFLINE=1"):
+        check_model_source("perlhf-test/cached", "model.name_or_path")

@@ -170,11 +170,11 @@ def train_val_splits(
 
 def tokenizer_name_from(
     datamodule: L.LightningDataModule, explicit: str | None, what: str = "tokenizer"
-) -> str:
-    """``explicit`` if given, else the ``tokenizer_name_or_path`` of the LightningModule that
-    ``datamodule``'s Trainer trains; ``what`` names the tokenizer in the error."""
+) -> tuple[str, str]:
+    """``(name, config key)``: ``explicit`` if given, else the ``tokenizer_name_or_path`` of the
+    LightningModule that ``datamodule``'s Trainer trains; ``what`` names the tokenizer in the error."""
     if explicit:
-        return explicit
+        return explicit, "data.init_args.tokenizer"
     trainer = datamodule.trainer
     module = getattr(trainer, "lightning_module", None) if trainer is not None else None
     name = getattr(module, "tokenizer_name_or_path", None)
@@ -183,7 +183,7 @@ def tokenizer_name_from(
             f"{type(datamodule).__name__} has no {what}: pass tokenizer=<hub id or path>, or use it "
             "with a Trainer whose LightningModule has a tokenizer_name_or_path (perlhf modules do)"
         )
-    return name
+    return name, getattr(getattr(module, "config", None), "tokenizer_key", "tokenizer")
 
 
 def check_text_data_args(

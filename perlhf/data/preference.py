@@ -162,7 +162,8 @@ class PreferenceDataModule(L.LightningDataModule):
             return
         raw = self._load()
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(tokenizer_name_from(self, self.tokenizer_name))
+            name, key = tokenizer_name_from(self, self.tokenizer_name)
+            self.tokenizer = load_tokenizer(name, what=key)
         sources = self._splits(raw)
         for key in wanted:
             if key not in self.datasets:

@@ -303,9 +303,8 @@ class RolloutDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(
-                tokenizer_name_from(self, self.tokenizer_name, "policy tokenizer")
-            )
+            name, key = tokenizer_name_from(self, self.tokenizer_name, "policy tokenizer")
+            self.tokenizer = load_tokenizer(name, what=key)
         if self.apply_chat_template and not self.tokenizer.chat_template:
             raise ValueError(
                 f"apply_chat_template=True needs a policy tokenizer with a chat template, and "
@@ -313,7 +312,11 @@ class RolloutDataModule(L.LightningDataModule):
             )
         if self.reward_model is None and self.reward_model_name is not None:
             self.reward_model, self.reward_tokenizer = load_reward_model(
-                self.reward_model_name, self.reward_base, self.reward_dtype, self.reward_trust_remote_code
+                self.reward_model_name,
+                self.reward_base,
+                self.reward_dtype,
+                self.reward_trust_remote_code,
+                what="data.init_args.reward_model",
             )
         if not self.rewards:
             if self.reward_model is not None:

@@ -25,6 +25,7 @@ from transformers import (
 from transformers.utils.peft_utils import find_adapter_config_file
 
 from perlhf.data.images import combine_vision, encode_with_images, image_inputs, render_prompt
+from perlhf.hub import check_model_source
 from perlhf.models import DTYPES, load_tokenizer
 from perlhf.scoring import sequence_scores
 from perlhf.vlm import VisionRewardModel, has_reward_head
@@ -310,7 +311,11 @@ def headless_classifier(name_or_path: str, **kwargs: Any) -> PreTrainedModel:
 
 
 def load_reward_model(
-    name_or_path: str, base: str | None = None, dtype: str = "float32", trust_remote_code: bool = False
+    name_or_path: str,
+    base: str | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    what: str = "reward_model",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A frozen, eval-mode sequence classifier and its tokenizer (for a VLM reward model, a
     ``VisionRewardModel`` export, its processor).
@@ -318,7 +323,9 @@ def load_reward_model(
     ``name_or_path`` is a peft adapter folder or hub id (``adapter_config.json``, task ``SEQ_CLS``:
     loaded onto ``base`` or the adapter's ``base_model_name_or_path`` and merged) or a plain
     ``*ForSequenceClassification`` model. The tokenizer comes from ``name_or_path``, else the base.
+    ``what`` is the config key of ``name_or_path``, named in errors.
     """
+    check_model_source(name_or_path, what)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if has_reward_head(name_or_path):  # a VLM reward model: trunk + head, processor as "tokenizer"
         from perlhf.data.images import load_processor
@@ -338,6 +345,7 @@ def load_reward_model(
             raise ValueError(
                 f"reward_model={name_or_path!r} is an adapter that names no base model; set reward_base"
             )
+        check_model_source(base, "reward_base (or the reward adapter's base_model_name_or_path)")
         model = PeftModel.from_pretrained(
             headless_classifier(base, **kwargs), name_or_path
         ).merge_and_unload()

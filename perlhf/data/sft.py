@@ -175,7 +175,8 @@ class SFTDataModule(L.LightningDataModule):
             return
         raw = self._load()
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(tokenizer_name_from(self, self.tokenizer_name))
+            name, key = tokenizer_name_from(self, self.tokenizer_name)
+            self.tokenizer = load_tokenizer(name, what=key)
         if self.add_eos and self.tokenizer.eos_token_id is None:
             raise ValueError(
                 f"add_eos=True but tokenizer {self.tokenizer.name_or_path!r} has no eos token; "

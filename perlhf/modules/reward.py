@@ -83,7 +83,9 @@ class RewardModule(TrainableOnlyModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, self.config.trust_remote_code)
+        self.tokenizer = load_tokenizer(
+            self.tokenizer_name_or_path, self.config.trust_remote_code, self.config.tokenizer_key
+        )
         self.model = build_reward_model(self.config, pad_token_id=self.tokenizer.pad_token_id)
         if isinstance(self.model, VisionRewardModel):
             self.processor = load_processor(self.tokenizer_name_or_path, self.config.trust_remote_code)

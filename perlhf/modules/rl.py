@@ -160,7 +160,9 @@ class PPOModule(TrainableOnlyModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, self.config.trust_remote_code)
+        self.tokenizer = load_tokenizer(
+            self.tokenizer_name_or_path, self.config.trust_remote_code, self.config.tokenizer_key
+        )
         self.policy = build_causal_lm(self.config, adapter_name=POLICY)
         if is_vision_language(hf_model(self.policy).config):  # exported with the policy
             self.processor = load_processor(self.tokenizer_name_or_path, self.config.trust_remote_code)

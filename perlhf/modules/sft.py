@@ -64,7 +64,9 @@ class SFTModule(TrainableOnlyModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.tokenizer = load_tokenizer(self.tokenizer_name_or_path, self.config.trust_remote_code)
+        self.tokenizer = load_tokenizer(
+            self.tokenizer_name_or_path, self.config.trust_remote_code, self.config.tokenizer_key
+        )
         self.model = build_causal_lm(self.config, adapter_name="default")
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps the mode it finds
 
