@@ -262,3 +262,32 @@ def test_image_paths_stay_under_image_root(escape: str, vlm_dir: Path, tmp_path:
         )
         trusted.setup("validate")
         assert len(trusted.datasets["val"]) == 2
+
+
+def test_rollout_image_paths_stay_under_image_root(vlm_dir: Path, tmp_path: Path) -> None:
+    """RL prompts read image paths like preference data: under ``image_root`` (by default the
+    data file's folder), and a path that leaves it is refused unless the user allows it."""
+    outside = tmp_path / "outside.png"
+    shapes.draw("red", "circle", __import__("random").Random(0)).save(outside)
+    images = tmp_path / "images"
+    images.mkdir()
+    shapes.draw("blue", "square", __import__("random").Random(1)).save(images / "inside.png")
+    (tmp_path / "data").mkdir()
+    gold = [{"function": "perlhf.data.synthetic.gold_reward", "name": "gold"}]
+
+    def prompts(image: str, **kwargs) -> RolloutDataModule:
+        path = tmp_path / "data" / "prompts.jsonl"
+        path.write_text("".join(json.dumps({"images": [image], "prompt": q}) + "\n" for q in "ABCD"))
+        data = RolloutDataModule(path=str(path), reward_functions=gold, tokenizer=str(vlm_dir), **kwargs)
+        data.setup("fit")
+        return data
+
+    # The default root is the data file's folder, where inside.png is not.
+    with pytest.raises(ValueError, match=r"column 'images': image file 'inside.png' not found .*data\)"):
+        prompts("inside.png")
+    assert len(prompts("inside.png", image_root=str(images)).prompts["train"][0].images) == 1
+    for escape in ("../outside.png", str(outside)):
+        with pytest.raises(ValueError, match=r"column 'images': image path .* is outside image_root"):
+            prompts(escape, image_root=str(images))
+        trusted = prompts(escape, image_root=str(images), allow_images_outside_root=True)
+        assert len(trusted.prompts["train"][0].images) == 1

@@ -16,6 +16,7 @@ between rows (image crops or patches; the models ignore the zero padding).
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ import torch
 from datasets import Dataset
 from datasets import Image as ImageFeature
 from PIL import Image, UnidentifiedImageError
+
+from perlhf.data.loading import local_files
 
 IMAGE_COLUMNS = ("images", "image")
 """Columns detected as the image column when ``image_column`` is not set."""
@@ -68,6 +71,15 @@ def undecoded(dataset: Dataset, column: str) -> Dataset:
     if isinstance(inner, ImageFeature):
         return dataset.cast_column(column, type(feature)(ImageFeature(decode=False)))
     return dataset
+
+
+def data_image_root(image_root: str | None, path: Any, data_files: Any) -> Path:
+    """The folder image paths of a dataset are read under: ``image_root`` when set, else the folder
+    holding its local data files (their common parent), else the working directory."""
+    if image_root is not None:
+        return Path(image_root)
+    files = [file for _, file in local_files(path, data_files)] if isinstance(path, str) else []
+    return Path(os.path.commonpath([f.resolve().parent for f in files])) if files else Path.cwd()
 
 
 def load_image(

@@ -11,9 +11,7 @@ carry the images' pixel inputs under ``vision`` (see ``perlhf.data.images``).
 
 from __future__ import annotations
 
-import os
 from collections import Counter
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as L
@@ -26,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from perlhf.data.formats import CANONICAL, FORMATS, OPTIONAL, RowError, detect_format, to_example
 from perlhf.data.images import (
     combine_vision,
+    data_image_root,
     encode_with_images,
     find_image_column,
     image_inputs,
@@ -40,7 +39,6 @@ from perlhf.data.loading import (
     check_mapped_columns,
     check_text_data_args,
     load_dataset_dict,
-    local_files,
     row_failure,
     source_name,
     tokenizer_name_from,
@@ -255,6 +253,7 @@ class PreferenceDataModule(L.LightningDataModule):
             outputs = ["chosen_input_ids", "rejected_input_ids"] + (["margin"] if "margin" in view else [])
         else:
             outputs = ["input_ids", "labels"]
+        root = data_image_root(self.image_root, self.path, self.data_files)
         if image_column is not None:
             outputs.append("images")
             dataset = undecoded(dataset, image_column)
@@ -267,9 +266,7 @@ class PreferenceDataModule(L.LightningDataModule):
                 images = None
                 if image_column is not None:
                     where = f"{self._where(split)} row {row_id}, column {image_column!r}"
-                    images = row_images(
-                        batch[image_column][i], where, self._image_root(), self.allow_images_outside_root
-                    )
+                    images = row_images(batch[image_column][i], where, root, self.allow_images_outside_root)
                 try:
                     example = to_example(self.format, row, self.tokenizer, self.response_marker)
                     encoded = self._encode(example, images)
@@ -302,12 +299,6 @@ class PreferenceDataModule(L.LightningDataModule):
                 "raise max_length or set overlong='truncate'"
             )
         return encoded
-
-    def _image_root(self) -> Path:
-        if self.image_root is not None:
-            return Path(self.image_root)
-        files = [file for _, file in local_files(self.path, self.data_files)]
-        return Path(os.path.commonpath([f.resolve().parent for f in files])) if files else Path.cwd()
 
     def _image_column(self, split: str, dataset: Dataset) -> str | None:
         """The image column of ``split`` (None: text data); loads the processor when there is one."""

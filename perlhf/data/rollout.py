@@ -46,6 +46,7 @@ from perlhf.data.formats import (
 )
 from perlhf.data.images import (
     combine_vision,
+    data_image_root,
     encode_with_images,
     find_image_column,
     image_inputs,
@@ -177,6 +178,9 @@ class RolloutDataModule(L.LightningDataModule):
         image_column: Column of each prompt's images (file paths, image bytes or PIL images; see
             ``PreferenceDataModule``); None: ``images`` or ``image`` when the data has one.
             ``format="prompt"`` only; the policy must be a VLM (its processor encodes them).
+        image_root: Folder that image paths in the prompts are relative to and confined to; None:
+            the folder of the local data files (else the working directory).
+        allow_images_outside_root: Read image paths outside ``image_root`` too (trusted data only).
     """
 
     def __init__(
@@ -218,6 +222,8 @@ class RolloutDataModule(L.LightningDataModule):
         normalize_rewards: bool = False,
         seed: int = 0,
         image_column: str | None = None,
+        image_root: str | None = None,
+        allow_images_outside_root: bool = False,
     ) -> None:
         super().__init__()
         positive = {
@@ -289,6 +295,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.missing_eos_penalty, self.reward_clip = missing_eos_penalty, reward_clip
         self.seed = seed
         self.image_column = image_column
+        self.image_root, self.allow_images_outside_root = image_root, allow_images_outside_root
         self.processor = None  # the VLM policy's processor, loaded for image prompts
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.reward_model: PreTrainedModel | None = None  # owned here, never a LightningModule submodule
@@ -382,11 +389,13 @@ class RolloutDataModule(L.LightningDataModule):
                 self.processor = load_processor(self.tokenizer.name_or_path)
                 self.tokenizer = self.processor.tokenizer
             column_images = undecoded(dataset, image_column)[image_column] if image_column else None
+            root = data_image_root(self.image_root, self.path, self.data_files)
             for index, value in enumerate(dataset[self.prompt_column]):
                 row = index if row_ids is None else row_ids[index]
                 images = None
                 if column_images is not None:
-                    images = row_images(column_images[index], f"{source} row {row}, column {image_column!r}")
+                    where = f"{source} row {row}, column {image_column!r}"
+                    images = row_images(column_images[index], where, root, self.allow_images_outside_root)
                 yield value, f"{source} row {row}, column {self.prompt_column!r}", images
             return
         if self.image_column is not None:
