@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -93,22 +93,31 @@ def junk_word(rng: random.Random) -> str:
     return "".join(chr(rng.randint(*rng.choice(pools))) for _ in range(rng.randint(1, 6)))
 
 
-def random_response(rng: random.Random, topic: str, junk: float = 0.1) -> str:
-    """A response of 1–8 words mixing on-topic, off-topic and repeated words; with probability
+def random_response(rng: random.Random, topic: str, junk: float = 0.1, repeat: float = 0.15) -> str:
+    """A response of 1–8 words mixing on-topic and off-topic words, each word after the first a
+    repeat of an earlier one with probability ``repeat`` (``0``: never a repeat); with probability
     ``junk``, 1–6 words of gibberish instead (a degenerate generation, which raters rank low)."""
     if rng.random() < junk:
         return " " + " ".join(junk_word(rng) for _ in range(rng.randint(1, 6)))
     n = rng.randint(1, 8)
     p_on = rng.random()
     words: list[str] = []
-    for _ in range(n):
-        if words and rng.random() < 0.15:
+    while len(words) < n:
+        if words and rng.random() < repeat:
             words.append(rng.choice(words))
-        elif rng.random() < p_on:
-            words.append(rng.choice(TOPICS[topic]))
-        else:
-            words.append(rng.choice(VOCABULARY))
+            continue
+        word = rng.choice(TOPICS[topic]) if rng.random() < p_on else rng.choice(VOCABULARY)
+        if repeat or word not in words:
+            words.append(word)
     return " " + " ".join(words)
+
+
+def stutter_response(rng: random.Random, topic: str) -> str:
+    """A degenerate generation that repeats itself: 1–3 distinct on-topic words cycled to 3–8
+    words (``" red blue red blue red"``, ``" cat cat cat cat"``). A reward model learns from such
+    pairs that a repeat is worth less than a new word."""
+    distinct = rng.sample(TOPICS[topic], rng.randint(1, 3))
+    return " " + " ".join(distinct[i % len(distinct)] for i in range(rng.randint(3, MAX_WORDS)))
 
 
 def demonstration(rng: random.Random, topic: str, lengths: tuple[int, int] = (2, 5)) -> str:
@@ -138,8 +147,10 @@ def preference_pairs(
 ) -> Iterator[dict]:
     """Yield ``n`` rows ``{"prompt", "chosen", "rejected", "gold_margin"}``.
 
-    Each response is, with equal odds, a random one (``random_response``) or an SFT-policy-like
-    one (a demonstration of 1–8 words), as preference data is collected from a mix of policies.
+    Each response is a random one (``random_response``, 40%), an SFT-policy-like one (a
+    demonstration of 1–8 words, 40%) or one that repeats itself (``stutter_response``, 20%), as
+    preference data is collected from a mix of policies; the repeats teach a reward model that
+    a word already said earns nothing.
 
     With ``noisy``, the chosen response wins with probability ``σ(beta · Δgold)`` (Bradley–Terry
     labeller); without, the higher gold score always wins. Ties are resampled.
@@ -150,10 +161,7 @@ def preference_pairs(
     while made < n:
         prompt = rng.choice(pool)
         topic = topic_of(prompt)
-        a, b = (
-            random_response(rng, topic) if rng.random() < 0.5 else demonstration(rng, topic, (1, 8))
-            for _ in range(2)
-        )
+        a, b = (_mixed_response(rng, topic) for _ in range(2))
         delta = gold_score(prompt, a) - gold_score(prompt, b)
         if delta == 0:
             continue
@@ -161,6 +169,29 @@ def preference_pairs(
         chosen, rejected = (a, b) if a_wins else (b, a)
         made += 1
         yield {"prompt": prompt, "chosen": chosen, "rejected": rejected, "gold_margin": abs(delta)}
+
+
+def _mixed_response(rng: random.Random, topic: str) -> str:
+    u = rng.random()
+    if u < 0.4:
+        return random_response(rng, topic)
+    return demonstration(rng, topic, (1, 8)) if u < 0.8 else stutter_response(rng, topic)
+
+
+def ceiling(prompt: str, token_budget: int, count_tokens: Callable[[str], int]) -> float:
+    """The best gold score any response of at most ``token_budget`` tokens can get.
+
+    Only distinct on-topic words score (+1 each, at most ``MAX_WORDS``), so the best response
+    lists as many of them as fit, shortest first. ``count_tokens(" word")`` is the policy
+    tokenizer's length of one word with its leading space.
+    """
+    costs = sorted(count_tokens(" " + word) for word in TOPICS[topic_of(prompt)])
+    score, used = 0, 0
+    for cost in costs[:MAX_WORDS]:
+        if used + cost > token_budget:
+            break
+        score, used = score + 1, used + cost
+    return float(score)
 
 
 def prompts(n: int, seed: int = 0, split: Split = "train") -> Iterator[dict]:
@@ -173,12 +204,14 @@ def prompts(n: int, seed: int = 0, split: Split = "train") -> Iterator[dict]:
 
 def corpus(n: int = 2000, seed: int = 0) -> Iterator[str]:
     """The "pretraining" text (every phrasing, responses of random quality) for the tiny tokenizer
-    and base model."""
+    and base model. Its lists never repeat a word, so a base model that predicts it well has
+    learnt to look at what the response already holds: that is what lets a policy built on it
+    learn to avoid repeats, rather than pick each word independently of the ones before."""
     rng = random.Random(seed)
     pool = prompt_pool("all")
     for _ in range(n):
         prompt = rng.choice(pool)
-        yield prompt + random_response(rng, topic_of(prompt))
+        yield prompt + random_response(rng, topic_of(prompt), repeat=0.0)
 
 
 def write_jsonl(rows: Iterator[dict], path: str | Path) -> Path:
