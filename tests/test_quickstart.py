@@ -72,20 +72,14 @@ def test_quickstart_runs_end_to_end_and_rl_beats_sft_on_gold(tmp_path: Path) -> 
     assert len(logged["train/gold_score"][1]) == 300
 
 
-def test_task_text_teaches_conditioning_on_the_response_and_penalises_repeats() -> None:
+def test_preference_data_penalises_repeats() -> None:
     from perlhf.data import synthetic
 
-    def words(text: str) -> list[str]:
-        return text.split(":", 1)[1].split() if ":" in text else text.split("?", 1)[1].split()
-
-    # The pretraining text never repeats a word within a list (junk aside): a base that predicts
-    # it well must look at the words it already wrote.
-    lists = [words(t) for t in synthetic.corpus(500)]
-    assert all(len(set(w)) == len(w) for w in lists) and max(map(len, lists)) == synthetic.MAX_WORDS
     # The preference data holds responses that repeat themselves, and gold ranks them below the
     # same words said once.
     rows = list(synthetic.preference_pairs(500, noisy=False))
-    stutters = [r for r in rows for y in (r["chosen"], r["rejected"]) if len(y.split()) > 2 * len(set(y.split()))]
+    responses = [y for r in rows for y in (r["chosen"], r["rejected"])]
+    stutters = [y for y in responses if len(y.split()) > 2 * len(set(y.split()))]
     assert len(stutters) > 50
     assert sum(len(set(r["rejected"].split())) < len(r["rejected"].split()) for r in rows) > sum(
         len(set(r["chosen"].split())) < len(r["chosen"].split()) for r in rows

@@ -93,22 +93,21 @@ def junk_word(rng: random.Random) -> str:
     return "".join(chr(rng.randint(*rng.choice(pools))) for _ in range(rng.randint(1, 6)))
 
 
-def random_response(rng: random.Random, topic: str, junk: float = 0.1, repeat: float = 0.15) -> str:
-    """A response of 1–8 words mixing on-topic and off-topic words, each word after the first a
-    repeat of an earlier one with probability ``repeat`` (``0``: never a repeat); with probability
+def random_response(rng: random.Random, topic: str, junk: float = 0.1) -> str:
+    """A response of 1–8 words mixing on-topic, off-topic and repeated words; with probability
     ``junk``, 1–6 words of gibberish instead (a degenerate generation, which raters rank low)."""
     if rng.random() < junk:
         return " " + " ".join(junk_word(rng) for _ in range(rng.randint(1, 6)))
     n = rng.randint(1, 8)
     p_on = rng.random()
     words: list[str] = []
-    while len(words) < n:
-        if words and rng.random() < repeat:
+    for _ in range(n):
+        if words and rng.random() < 0.15:
             words.append(rng.choice(words))
-            continue
-        word = rng.choice(TOPICS[topic]) if rng.random() < p_on else rng.choice(VOCABULARY)
-        if repeat or word not in words:
-            words.append(word)
+        elif rng.random() < p_on:
+            words.append(rng.choice(TOPICS[topic]))
+        else:
+            words.append(rng.choice(VOCABULARY))
     return " " + " ".join(words)
 
 
@@ -204,14 +203,12 @@ def prompts(n: int, seed: int = 0, split: Split = "train") -> Iterator[dict]:
 
 def corpus(n: int = 2000, seed: int = 0) -> Iterator[str]:
     """The "pretraining" text (every phrasing, responses of random quality) for the tiny tokenizer
-    and base model. Its lists never repeat a word, so a base model that predicts it well has
-    learnt to look at what the response already holds: that is what lets a policy built on it
-    learn to avoid repeats, rather than pick each word independently of the ones before."""
+    and base model."""
     rng = random.Random(seed)
     pool = prompt_pool("all")
     for _ in range(n):
         prompt = rng.choice(pool)
-        yield prompt + random_response(rng, topic_of(prompt), repeat=0.0)
+        yield prompt + random_response(rng, topic_of(prompt))
 
 
 def write_jsonl(rows: Iterator[dict], path: str | Path) -> Path:
