@@ -72,21 +72,6 @@ def test_quickstart_runs_end_to_end_and_rl_beats_sft_on_gold(tmp_path: Path) -> 
     assert len(logged["train/gold_score"][1]) == 300
 
 
-def test_preference_data_penalises_repeats() -> None:
-    from perlhf.data import synthetic
-
-    # The preference data holds responses that repeat themselves, and gold ranks them below the
-    # same words said once.
-    rows = list(synthetic.preference_pairs(500, noisy=False))
-    responses = [y for r in rows for y in (r["chosen"], r["rejected"])]
-    stutters = [y for y in responses if len(y.split()) > 2 * len(set(y.split()))]
-    assert len(stutters) > 50
-    assert sum(len(set(r["rejected"].split())) < len(r["rejected"].split()) for r in rows) > sum(
-        len(set(r["chosen"].split())) < len(r["chosen"].split()) for r in rows
-    )
-    assert synthetic.gold_score("Name some colours:", " red red red red") == 1 - 3 * 0.5
-
-
 def test_ceiling_by_hand() -> None:
     from perlhf.data import synthetic
 

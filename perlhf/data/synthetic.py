@@ -111,14 +111,6 @@ def random_response(rng: random.Random, topic: str, junk: float = 0.1) -> str:
     return " " + " ".join(words)
 
 
-def stutter_response(rng: random.Random, topic: str) -> str:
-    """A degenerate generation that repeats itself: 1–3 distinct on-topic words cycled to 3–8
-    words (``" red blue red blue red"``, ``" cat cat cat cat"``). A reward model learns from such
-    pairs that a repeat is worth less than a new word."""
-    distinct = rng.sample(TOPICS[topic], rng.randint(1, 3))
-    return " " + " ".join(distinct[i % len(distinct)] for i in range(rng.randint(3, MAX_WORDS)))
-
-
 def demonstration(rng: random.Random, topic: str, lengths: tuple[int, int] = (2, 5)) -> str:
     """A good but imperfect human demonstration: ``lengths`` (inclusive) distinct words, each
     off-topic with probability 0.15 (a careless writer), never repeated."""
@@ -146,10 +138,8 @@ def preference_pairs(
 ) -> Iterator[dict]:
     """Yield ``n`` rows ``{"prompt", "chosen", "rejected", "gold_margin"}``.
 
-    Each response is a random one (``random_response``, 40%), an SFT-policy-like one (a
-    demonstration of 1–8 words, 40%) or one that repeats itself (``stutter_response``, 20%), as
-    preference data is collected from a mix of policies; the repeats teach a reward model that
-    a word already said earns nothing.
+    Each response is, with equal odds, a random one (``random_response``) or an SFT-policy-like
+    one (a demonstration of 1–8 words), as preference data is collected from a mix of policies.
 
     With ``noisy``, the chosen response wins with probability ``σ(beta · Δgold)`` (Bradley–Terry
     labeller); without, the higher gold score always wins. Ties are resampled.
@@ -160,7 +150,10 @@ def preference_pairs(
     while made < n:
         prompt = rng.choice(pool)
         topic = topic_of(prompt)
-        a, b = (_mixed_response(rng, topic) for _ in range(2))
+        a, b = (
+            random_response(rng, topic) if rng.random() < 0.5 else demonstration(rng, topic, (1, 8))
+            for _ in range(2)
+        )
         delta = gold_score(prompt, a) - gold_score(prompt, b)
         if delta == 0:
             continue
@@ -168,13 +161,6 @@ def preference_pairs(
         chosen, rejected = (a, b) if a_wins else (b, a)
         made += 1
         yield {"prompt": prompt, "chosen": chosen, "rejected": rejected, "gold_margin": abs(delta)}
-
-
-def _mixed_response(rng: random.Random, topic: str) -> str:
-    u = rng.random()
-    if u < 0.4:
-        return random_response(rng, topic)
-    return demonstration(rng, topic, (1, 8)) if u < 0.8 else stutter_response(rng, topic)
 
 
 def ceiling(prompt: str, token_budget: int, count_tokens: Callable[[str], int]) -> float:
