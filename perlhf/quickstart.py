@@ -9,7 +9,8 @@ whose hidden gold scorer plays the human), then runs the shipped LightningCLI co
 ``configs/quickstart/{sft,reward,<algorithm>}.yaml`` one after the other, exactly as
 ``perlhf fit --config ...`` would, and ends with a report — the reward model's held-out
 accuracy against gold labels, and the gold score, reward-model score, KL to the SFT model and
-response length of the SFT and RL policies on held-out prompts — printed and written to
+response length of the SFT and RL policies on held-out prompts, beside the reachable ceiling (the
+best gold score of any response of the allowed length) — printed and written to
 ``<root>/report.md`` (+ ``report.json``), with a plot of the run at ``<root>/quickstart.png``.
 """
 
@@ -159,21 +160,37 @@ def evaluate_policies(
     }
 
 
+def reachable_ceiling(tokenizer_dir: Path, max_new_tokens: int) -> float:
+    """Mean over the held-out prompts of the best gold score a response can get when it must end
+    (EOS) within ``max_new_tokens`` tokens of the policy's tokenizer (``synthetic.ceiling``)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    pool = synthetic.prompt_pool("heldout")
+    return sum(synthetic.ceiling(p, max_new_tokens - 1, count) for p in pool) / len(pool)
+
+
 def report(summary: dict[str, Any]) -> str:
     """The markdown report of a quickstart run."""
     ev, rm = summary["eval"], summary["reward_model"]
     sft, rl = ev["heldout"]["sft"]["gold_score"], ev["heldout"]["rl"]["gold_score"]
     gain = (rl - sft) / abs(sft) if sft else float("nan")
+    ceiling = summary["ceiling"]
+    closed = (rl - sft) / (ceiling - sft) if ceiling > sft else float("nan")
     ok = {
         "reward_accuracy": rm["accuracy"] >= TARGETS["reward_accuracy"],
         "gold_gain": gain >= TARGETS["gold_gain"],
     }
-    summary["gold_gain"], summary["targets_met"] = gain, ok
+    summary["gold_gain"], summary["ceiling_gap_closed"], summary["targets_met"] = gain, closed, ok
     mark = {True: "met", False: "MISSED"}
     lines = [
         f"# perlhf quickstart report ({summary['algorithm']}, {summary['finetune']})",
         "",
-        f"Task: topic words (hidden gold scorer; best possible score {synthetic.MAX_WORDS:.0f}). "
+        f"Task: topic words (hidden gold scorer; at most {synthetic.MAX_WORDS} words count). "
         f"Wall time {summary['seconds']['total']:.0f} s "
         f"(SFT {summary['seconds']['sft']:.0f} s, reward model {summary['seconds']['reward']:.0f} s, "
         f"RL {summary['seconds']['rl']:.0f} s, evaluation {summary['seconds']['eval']:.0f} s).",
@@ -184,6 +201,10 @@ def report(summary: dict[str, Any]) -> str:
         f"**RL**: mean gold score on held-out phrasings {sft:.2f} (SFT) → **{rl:.2f}** (RL), "
         f"{gain:+.0%} (target ≥ +{TARGETS['gold_gain']:.0%}: {mark[ok['gold_gain']]}); "
         f"KL to the SFT policy {ev['heldout']['rl']['kl_to_reference']:.2f} nats per response.",
+        "",
+        f"**Ceiling**: the best gold score a response can get within {summary['max_new_tokens']} tokens "
+        f"(EOS included) is **{ceiling:.2f}**; SFT reaches {sft / ceiling:.0%} of it, RL "
+        f"{rl / ceiling:.0%}, closing {closed:.0%} of the gap from SFT to the ceiling.",
     ]
     for split, title in (("heldout", "held-out phrasings"), ("train", "training phrasings")):
         rows = ev[split]
@@ -249,6 +270,8 @@ def run(
         "finetune": clis["rl"].model.config.finetune,
         "seed": seed,
         "temperature": rl_data.sampling["temperature"],
+        "max_new_tokens": rl_data.sampling["max_new_tokens"],
+        "ceiling": reachable_ceiling(root / "sft-model" / "merged", rl_data.sampling["max_new_tokens"]),
         "reward_model": {
             "accuracy": float(rm_metrics["val/accuracy"]),
             "pairs": len(clis["reward"].datamodule.datasets["val"]),

@@ -70,3 +70,14 @@ def test_quickstart_runs_end_to_end_and_rl_beats_sft_on_gold(tmp_path: Path) -> 
     logged = scalars(summary["runs"]["rl"], "train/gold_score", "val/gold_score", "train/kl", "val/reward")
     assert set(logged) == {"train/gold_score", "val/gold_score", "train/kl", "val/reward"}
     assert len(logged["train/gold_score"][1]) == 300
+
+
+def test_ceiling_by_hand() -> None:
+    from perlhf.data import synthetic
+
+    prompt = "Which colours do you know?"
+    assert synthetic.ceiling(prompt, 11, lambda w: 1) == 8.0  # one token a word: all 8 fit
+    assert synthetic.ceiling(prompt, 5, lambda w: 1) == 5.0
+    # One token per letter: red (3) + blue (4) + pink (4) = 11 fit in 12; green (5) does not.
+    assert synthetic.ceiling(prompt, 12, lambda w: len(w.strip())) == 3.0
+    assert synthetic.ceiling(prompt, 2, lambda w: len(w.strip())) == 0.0

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -161,6 +161,22 @@ def preference_pairs(
         chosen, rejected = (a, b) if a_wins else (b, a)
         made += 1
         yield {"prompt": prompt, "chosen": chosen, "rejected": rejected, "gold_margin": abs(delta)}
+
+
+def ceiling(prompt: str, token_budget: int, count_tokens: Callable[[str], int]) -> float:
+    """The best gold score any response of at most ``token_budget`` tokens can get.
+
+    Only distinct on-topic words score (+1 each, at most ``MAX_WORDS``), so the best response
+    lists as many of them as fit, shortest first. ``count_tokens(" word")`` is the policy
+    tokenizer's length of one word with its leading space.
+    """
+    costs = sorted(count_tokens(" " + word) for word in TOPICS[topic_of(prompt)])
+    score, used = 0, 0
+    for cost in costs[:MAX_WORDS]:
+        if used + cost > token_budget:
+            break
+        score, used = score + 1, used + cost
+    return float(score)
 
 
 def prompts(n: int, seed: int = 0, split: Split = "train") -> Iterator[dict]:
