@@ -202,3 +202,21 @@ def test_gradient_accumulation_averages_minibatches(tiny_model_dir: Path) -> Non
     assert set(grads[0]) == set(grads[1])
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_every_mutant_still_applies() -> None:
+    """Each slip in ``tests/mutants/run.py`` names a fragment that occurs exactly once in its file,
+    and tests that exist, so the harness keeps testing the code as it is now."""
+    import importlib.util
+    import sys
+
+    root = Path(__file__).resolve().parent
+    spec = importlib.util.spec_from_file_location("mutants_run", root / "mutants" / "run.py")
+    harness = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = harness  # its dataclasses look their module up there
+    spec.loader.exec_module(harness)
+    for mutant in harness.MUTANTS:
+        assert (root.parent / mutant.path).read_text().count(mutant.old) == 1, f"{mutant.name} is stale"
+        for test in mutant.tests:
+            file, name = test.split("::")
+            assert f"def {name}(" in (root.parent / file).read_text(), f"{mutant.name}: no test {test}"

@@ -131,8 +131,8 @@ MUTANTS = (
     Mutant(
         "sampling-with-the-checkpoint-generation-config",
         RL,
-        "self._policy_ctx(), clean_generation_config(self.policy):",
-        "self._policy_ctx():",
+        "stack.enter_context(clean_generation_config(self.policy))",
+        "pass",
         (f"{CORRECT}::test_sampling_ignores_the_checkpoints_generation_config",),
     ),
     Mutant(
