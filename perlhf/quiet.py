@@ -44,6 +44,13 @@ KNOWN: tuple[tuple[str, type[Warning], str], ...] = (
         "a resumed or validated run logs into a new version_N folder by design; the checkpoint's best "
         "model path is still restored, `--ckpt_path last` finds the newest last.ckpt",
     ),
+    (
+        r"Using ModelCheckpoint with manual optimization and every_n_train_steps",
+        Warning,
+        "PPOModule checkpoints the state after each update on purpose: weights, optimiser state and "
+        "rollout count then describe the start of the next rollout, so resume is exact "
+        "(tests/test_resume.py)",
+    ),
 )
 """``(message regex, category, reason)`` of each silenced warning."""
 
