@@ -195,11 +195,15 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 
 def repeated_sentence_share(texts: list[str]) -> float:
-    """Share of responses that repeat one of their own sentences (a degeneration symptom)."""
+    """Share of responses that repeat one of their own sentences, or a clause of three or more
+    words (split at ``, ; :``), a degeneration symptom; shorter clauses ("yes, yes") do not count."""
     import re
 
     def repeats(text: str) -> bool:
         sentences = [s.strip().lower() for s in re.split(r"[.!?]+", text) if s.strip()]
-        return len(sentences) != len(set(sentences))
+        if len(sentences) != len(set(sentences)):
+            return True
+        clauses = [c.strip().lower() for c in re.split(r"[.!?,;:]+", text) if len(c.split()) >= 3]
+        return len(clauses) != len(set(clauses))
 
     return sum(map(repeats, texts)) / len(texts) if texts else 0.0

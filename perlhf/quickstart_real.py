@@ -198,7 +198,7 @@ METRICS = (
     ("eos_fraction", "ended with EOS", "{:.0%}"),
     ("distinct_1", "distinct-1", "{:.2f}"),
     ("distinct_2", "distinct-2", "{:.2f}"),
-    ("repeated_sentences", "repeats a sentence", "{:.0%}"),
+    ("repeated_sentences", "repeats a sentence or clause", "{:.0%}"),
 )
 
 

@@ -36,6 +36,10 @@ def test_degeneracy_metrics_by_hand() -> None:
     assert distinct_n([""], 2) == 0.0
     texts = ["Great. Great!", "I like it. It is fine.", "ok"]
     assert repeated_sentence_share(texts) == pytest.approx(1 / 3)
+    # A clause of three or more words said twice counts too; short interjections do not.
+    looped = "I'm so glad you're enjoying me, I'm so glad you're enjoying me, I'm just glad"
+    short = ["Yes, yes, I like it", "Oh well; oh well, fine"]
+    assert repeated_sentence_share([looped, *short]) == pytest.approx(1 / 3)
 
 
 def test_sentiment_task_splits_topics_and_is_judged_by_vader() -> None:
