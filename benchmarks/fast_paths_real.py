@@ -41,6 +41,24 @@ VARIANTS = {
 }
 
 
+def write_results(
+    out: Path, result: dict, title: str, note: str, columns: list[str], rows: list[list[str]]
+) -> None:
+    """``out.json`` (``result``) and ``out.md`` (``title``, a ``note`` line and one table), printed."""
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"# {title}",
+        "",
+        note,
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|---" * len(columns) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def step_times(root: Path, variant: dict, batches: list[dict], warmup: int) -> list[float]:
     config = ModelConfig(
         name_or_path=str(root / "smollm2-135m-instruct"),
@@ -141,23 +159,26 @@ def main_rl(args: argparse.Namespace) -> None:
         "versions": {"torch": torch.__version__},
         "variants": rows,
     }
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    lines = [
-        "# RL update pass on SmolLM2-135M-Instruct: prompt sharing",
-        "",
+    note = (
         f"`{result['command']}`; {result['model']}; forward + backward of the policy; "
-        f"{result['torch_threads']} threads; median of {args.steps} steps after {args.warmup} warm-up steps.",
-        "",
-        "| variant | step (s) | speed-up | columns computed (of the padded unshared rows) |",
-        "|---|---|---|---|",
-    ]
-    for name, row in rows.items():
-        lines.append(
-            f"| {name} | {row['median_step_s']:.2f} | {base / row['median_step_s']:.2f}x | "
-            f"{row['columns_fraction']:.2f} |"
-        )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        f"{result['torch_threads']} threads; median of {args.steps} steps after {args.warmup} warm-up steps."
+    )
+    write_results(
+        out,
+        result,
+        "RL update pass on SmolLM2-135M-Instruct: prompt sharing",
+        note,
+        ["variant", "step (s)", "speed-up", "columns computed (of the padded unshared rows)"],
+        [
+            [
+                name,
+                f"{row['median_step_s']:.2f}",
+                f"{base / row['median_step_s']:.2f}x",
+                f"{row['columns_fraction']:.2f}",
+            ]
+            for name, row in rows.items()
+        ],
+    )
 
 
 def main() -> None:
@@ -207,23 +228,26 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    lines = [
-        "# Reward-model step on SmolLM2-135M-Instruct: exact fast paths",
-        "",
+    note = (
         f"`{result['command']}`; {result['model']}; {result['torch_threads']} threads; median of "
-        f"{args.steps} steps after {args.warmup} warm-up steps.",
-        "",
-        "| variant | step (s) | speed-up | tokens computed per step |",
-        "|---|---|---|---|",
-    ]
-    for name, row in rows.items():
-        lines.append(
-            f"| {name} | {row['median_step_s']:.2f} | {base / row['median_step_s']:.2f}x | "
-            f"{row['tokens_per_step']:.0f} |"
-        )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        f"{args.steps} steps after {args.warmup} warm-up steps."
+    )
+    write_results(
+        out,
+        result,
+        "Reward-model step on SmolLM2-135M-Instruct: exact fast paths",
+        note,
+        ["variant", "step (s)", "speed-up", "tokens computed per step"],
+        [
+            [
+                name,
+                f"{row['median_step_s']:.2f}",
+                f"{base / row['median_step_s']:.2f}x",
+                f"{row['tokens_per_step']:.0f}",
+            ]
+            for name, row in rows.items()
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import time
@@ -30,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from fast_paths_real import write_results
 
 from perlhf.evaluate import encode, left_pad
 from perlhf.models import LoraSpec, ModelConfig
@@ -130,24 +130,27 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**meta, "results": results}, indent=2))
-    lines = [
-        "# Rollout generation on SmolLM2-135M-Instruct: perlhf against plain transformers",
-        "",
-        f"`{meta['command']}`; {meta['setup']}; {meta['torch_threads']} threads.",
-        "",
-        "| LoRA targets | variant | time (s) | tokens/s | vs transformers on the merged model |",
-        "|---|---|---|---|---|",
-    ]
-    for target, rows in results.items():
-        limit = rows["transformers, merged model"]["tokens_per_s"]
-        for name, row in rows.items():
-            lines.append(
-                f"| {target} | {name} | {row['median_s']:.2f} | {row['tokens_per_s']:.0f} | "
-                f"{row['tokens_per_s'] / limit:.2f}x |"
+    rows = []
+    for target, variants in results.items():
+        limit = variants["transformers, merged model"]["tokens_per_s"]
+        for name, row in variants.items():
+            rows.append(
+                [
+                    target,
+                    name,
+                    f"{row['median_s']:.2f}",
+                    f"{row['tokens_per_s']:.0f}",
+                    f"{row['tokens_per_s'] / limit:.2f}x",
+                ]
             )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(
+        out,
+        {**meta, "results": results},
+        "Rollout generation on SmolLM2-135M-Instruct: perlhf against plain transformers",
+        f"`{meta['command']}`; {meta['setup']}; {meta['torch_threads']} threads.",
+        ["LoRA targets", "variant", "time (s)", "tokens/s", "vs transformers on the merged model"],
+        rows,
+    )
 
 
 if __name__ == "__main__":
