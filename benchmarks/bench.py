@@ -74,7 +74,15 @@ from bench_shapes import (  # noqa: E402
     ensure_backbones,
     parse_setting,
 )
-from bench_timing import PhaseClock, _memory, _step_timer, _versions, cpu_model, device_slug  # noqa: E402
+from bench_timing import (  # noqa: E402
+    PhaseClock,
+    _memory,
+    _step_timer,
+    _versions,
+    cpu_model,
+    device_slug,
+    rl_step_record,
+)
 
 __all__ = [
     "DEFAULTS",
@@ -96,6 +104,7 @@ __all__ = [
     "render_markdown",
     "resolve_run",
     "rl_prompts",
+    "rl_step_record",
     "rm_batches",
     "run_subprocess",
     "run_worker",

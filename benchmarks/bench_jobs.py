@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_shapes import SHAPES, SPECIAL_IDS, Setting, parse_setting
-from bench_timing import PhaseClock, _memory, _step_timer, count_recomputes, cpu_model
+from bench_timing import PhaseClock, _memory, _step_timer, count_recomputes, cpu_model, rl_step_record
 
 
 def _trainer(spec: dict, setting: Setting, callbacks: list, root: str) -> Any:
@@ -263,23 +263,9 @@ def _rl(spec: dict, setting: Setting, device: Any, root: str, record: dict) -> N
 
     trainer = _trainer(spec, setting, [_step_timer(clock, on_start)], root)
     trainer.fit(module, datamodule=data)
-    steps = clock.steps[spec["warmup"] :]
-    for step in clock.steps:
-        step["other"] = step["interval_s"] - sum(step.get(p, 0.0) for p in RL_PHASES[:-1])
-    step_s = statistics.median(s["interval_s"] for s in steps)
-    n = n_prompts * k
     record.update(
         {
-            "steps": len(steps),
-            "warmup": spec["warmup"],
-            "step_s": step_s,
-            "step_times_s": [s["interval_s"] for s in clock.steps],
-            "step_cpu_s": statistics.median(s["cpu_interval_s"] for s in steps),
-            "phases_s": {p: statistics.median(s.get(p, 0.0) for s in steps) for p in RL_PHASES},
-            "phase_steps": clock.steps,
-            "samples_per_step": n,
-            "samples_per_s": n / step_s,
-            "response_tokens": new_tokens,
+            **rl_step_record(clock, spec["warmup"], RL_PHASES, n_prompts * k, new_tokens),
             "backward_recomputes": recomputes[0](),
             "ppo_epochs": epochs,
             "reward_mean": float(trainer.callback_metrics.get("train/reward", float("nan"))),

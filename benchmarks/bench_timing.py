@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import re
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -140,3 +141,27 @@ def device_slug(record: dict) -> str:
         return "cpu"
     words = re.sub(r"^(NVIDIA|Tesla|GeForce|RTX)\s+", "", record.get("device_name", "")).split()
     return "cuda-" + (re.sub(r"[^a-z0-9]+", "", words[0].lower()) if words else "gpu")
+
+
+def rl_step_record(
+    clock: PhaseClock, warmup: int, phases: tuple[str, ...], samples: int, new_tokens: int
+) -> dict:
+    """The timing fields of an RL worker's record from ``clock``'s steps after ``warmup``: median
+    step and CPU time, median per phase (``phases[-1]``, "other", is the step's unaccounted rest),
+    samples/s."""
+    for step in clock.steps:
+        step[phases[-1]] = step["interval_s"] - sum(step.get(p, 0.0) for p in phases[:-1])
+    steps = clock.steps[warmup:]
+    step_s = statistics.median(s["interval_s"] for s in steps)
+    return {
+        "steps": len(steps),
+        "warmup": warmup,
+        "step_s": step_s,
+        "step_times_s": [s["interval_s"] for s in clock.steps],
+        "step_cpu_s": statistics.median(s["cpu_interval_s"] for s in steps),
+        "phases_s": {p: statistics.median(s.get(p, 0.0) for s in steps) for p in phases},
+        "phase_steps": clock.steps,
+        "samples_per_step": samples,
+        "samples_per_s": samples / step_s,
+        "response_tokens": new_tokens,
+    }

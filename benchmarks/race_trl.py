@@ -301,23 +301,7 @@ def _trl_rloo(spec: dict, device: Any, root: str, record: dict) -> None:
     for step in clock.steps:
         rollout = step.get("prepare", 0.0)
         step["update"] = step["batch_s"] - rollout
-        step["other"] = step["interval_s"] - sum(step.get(p, 0.0) for p in PHASES[:-1])
-    steps = clock.steps[spec["warmup"] :]
-    step_s = statistics.median(s["interval_s"] for s in steps)
-    record.update(
-        {
-            "steps": len(steps),
-            "warmup": spec["warmup"],
-            "step_s": step_s,
-            "step_times_s": [s["interval_s"] for s in clock.steps],
-            "step_cpu_s": statistics.median(s["cpu_interval_s"] for s in steps),
-            "phases_s": {p: statistics.median(s.get(p, 0.0) for s in steps) for p in PHASES},
-            "phase_steps": clock.steps,
-            "samples_per_step": n,
-            "samples_per_s": n / step_s,
-            "response_tokens": new_tokens,
-        }
-    )
+    record.update(bench.rl_step_record(clock, spec["warmup"], PHASES, n, new_tokens))
 
 
 # --------------------------------------------------------------------------------------- driver
