@@ -103,3 +103,86 @@ def test_grpo_raises_reward(
     )
     first, last = sum(record.rewards[:4]) / 4, sum(record.rewards[-4:]) / 4
     assert last > first + 0.5, f"grpo: mean reward {first:.2f} -> {last:.2f}"
+
+
+def _one_step(module, reuse: bool) -> tuple[list[dict], list[float], int]:
+    """One ``training_step`` on the junk-after-EOS batch: each optimiser step's gradients, the KL
+    handed to the controller, and how many no-grad policy passes ran."""
+    if not reuse:
+        module._reuses_update_logprobs = lambda n: False
+    steps = _record_steps(module)
+    kls: list[float] = []
+    module.kl_ctl.update = lambda kl, n: kls.append(kl)
+    forward, no_grad_passes = module._forward, []
+
+    def counted(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            no_grad_passes.append(1)
+        return forward(*args, **kwargs)
+
+    module._forward = counted
+    batch = _junk_after_eos_batch(module)
+    module.on_train_batch_start(batch, 0)
+    torch.manual_seed(1)
+    module.training_step(batch, 0)
+    return steps, kls, len(no_grad_passes)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "kl"),
+    [
+        ("grpo", KLSpec(coef=0.2, penalty="loss", estimator="k3")),
+        ("rloo", KLSpec(coef=0.2, penalty="loss", estimator="k2")),
+    ],
+)
+def test_on_policy_update_skips_the_rollout_pass_exactly(tiny_model_dir: Path, algorithm: str, kl) -> None:
+    """One epoch whose two minibatches make one optimiser step, no critic, no KL in the reward:
+    the no-grad policy pass is skipped, and the step's gradients and the KL reported equal those
+    of the path that runs it."""
+    ppo = PPOSpec(epochs=1, minibatch_size=2, gradient_accumulation=2)
+    fast = _one_step(_trained_policy(tiny_model_dir, algorithm, ppo=ppo, kl=kl), reuse=True)
+    full = _one_step(_trained_policy(tiny_model_dir, algorithm, ppo=ppo, kl=kl), reuse=False)
+    assert (fast[2], full[2]) == (0, 2)
+    assert len(fast[0]) == len(full[0]) == 1
+    assert full[0][0].keys() == fast[0][0].keys()
+    for name, grad in full[0][0].items():
+        torch.testing.assert_close(fast[0][0][name], grad, rtol=1e-5, atol=1e-7)
+    assert max(g.abs().max().item() for g in full[0][0].values()) > 1e-4
+    assert fast[1] == pytest.approx(full[1], rel=1e-5) and full[1][0] > 0.01
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "ppo", "kl", "reuses"),
+    [
+        (
+            "grpo",
+            PPOSpec(epochs=1, minibatch_size=2, gradient_accumulation=2),
+            KLSpec(0.1, penalty="loss"),
+            True,
+        ),
+        ("grpo", PPOSpec(epochs=1, minibatch_size=4), KLSpec(0.1, penalty="loss"), True),
+        (
+            "grpo",
+            PPOSpec(epochs=2, minibatch_size=4),
+            KLSpec(0.1, penalty="loss"),
+            False,
+        ),  # 2nd epoch is off-policy
+        (
+            "grpo",
+            PPOSpec(epochs=1, minibatch_size=2),
+            KLSpec(0.1, penalty="loss"),
+            False,
+        ),  # 2 optimiser steps
+        (
+            "rloo",
+            PPOSpec(epochs=1, minibatch_size=4),
+            KLSpec(0.1),
+            False,
+        ),  # KL in the reward needs them first
+        ("rloo", PPOSpec(epochs=1, minibatch_size=4), KLSpec(0.0), True),
+        ("reinforce", PPOSpec(epochs=1, minibatch_size=2), KLSpec(0.0), False),  # the critic's values
+    ],
+)
+def test_when_the_rollout_pass_is_skipped(tiny_model_dir: Path, algorithm, ppo, kl, reuses: bool) -> None:
+    module = ppo_module(tiny_model_dir, algorithm, ppo=ppo, kl=kl)
+    assert module._reuses_update_logprobs(4) is reuses

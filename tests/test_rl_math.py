@@ -98,7 +98,7 @@ def _run_training_step(module: PPOModule, batch: dict) -> dict:
     controller."""
     seen: dict = {}
 
-    def update(batch, mask, old_logprobs, ref_logprobs, old_values, advantages, returns) -> dict:
+    def update(batch, mask, old_logprobs, ref_logprobs, old_values, advantages, returns, **kw) -> dict:
         seen.update(old=old_logprobs, ref=ref_logprobs, advantages=advantages)
         return {}
 

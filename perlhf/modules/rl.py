@@ -283,24 +283,30 @@ class PPOModule(TrainableOnlyModule):
         mask = batch["response_mask"].float()
         # β fixed at 0: no KL anywhere, so no reference pass.
         with_reference = self.kl_spec.coef != 0 or self.kl_spec.adaptive
+        # On-policy shortcut: the update's own (detached) log-probs stand in for the rollout's.
+        reuse = self._reuses_update_logprobs(n)
         old, ref = [], []
         with torch.no_grad():
             for idx in self._chunks(n):
-                out = self._forward(batch, idx, with_values=True)
-                old.append(out)
+                if not reuse:
+                    old.append(self._forward(batch, idx, with_values=True))
                 if with_reference:
                     ref.append(self.reference_logprobs(batch, idx))
-        old_logprobs = torch.cat([o["logprobs"] for o in old])
+        old_logprobs = None if reuse else torch.cat([o["logprobs"] for o in old])
         ref_logprobs = torch.cat(ref) if with_reference else None
         old_values = torch.cat([o["values"] for o in old]) if self.value_mode else None
-        self._check_finite("rollout log-probs", old_logprobs)
-        kl_tokens = torch.zeros_like(mask)
         if ref_logprobs is not None:
             self._check_finite("reference log-probs", ref_logprobs)
-            kl_tokens = losses.kl_penalty(old_logprobs, ref_logprobs, self.kl_spec.estimator) * mask
+        kl_tokens = self._kl_tokens(old_logprobs, ref_logprobs, mask)
 
         advantages, returns = self._advantages(batch, mask, kl_tokens, old_values)
-        stats = self._update(batch, mask, old_logprobs, ref_logprobs, old_values, advantages, returns)
+        if reuse:
+            old_logprobs = torch.zeros_like(mask)  # filled by the update, minibatch by minibatch
+        stats = self._update(
+            batch, mask, old_logprobs, ref_logprobs, old_values, advantages, returns, fill_old=reuse
+        )
+        if reuse:
+            kl_tokens = self._kl_tokens(old_logprobs, ref_logprobs, mask)
 
         kl_per_seq = None
         if ref_logprobs is not None:
@@ -314,6 +320,32 @@ class PPOModule(TrainableOnlyModule):
         self.rollout_step += 1
         self._log_rollout(batch, mask, kl_per_seq, stats, old_values, returns)
         self._stop_at_max_rollouts()
+
+    def _kl_tokens(
+        self, logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-token KL estimates ``(N, R)`` of the rollout policy against the reference (zeros
+        without either), masked after EOS."""
+        if logprobs is None or ref_logprobs is None:
+            return torch.zeros_like(mask)
+        self._check_finite("rollout log-probs", logprobs)
+        return losses.kl_penalty(logprobs, ref_logprobs, self.kl_spec.estimator) * mask
+
+    def _reuses_update_logprobs(self, n: int) -> bool:
+        """Whether the rollout's no-grad policy pass can be skipped, its log-probs taken from the
+        update's forward pass instead (detached). Exact when nothing before the update needs them
+        (no critic; advantages from the scores alone: grpo, or no β·KL in the reward) and the
+        update is one epoch whose minibatches all make one optimiser step: every minibatch then
+        sees the rollout policy itself (ratio 1, as the no-grad pass would give). TRL's GRPO does
+        the same with one generation per step."""
+        if self.value_mode is not None or self.ppo.epochs != 1:
+            return False
+        kl_in_reward = self.kl_spec.penalty == "reward" and (self.kl_spec.coef != 0 or self.kl_spec.adaptive)
+        if self.algorithm != "grpo" and kl_in_reward:
+            return False
+        chunks = len(self._chunks(n))
+        accumulation = chunks if self.algorithm == "reinforce" else self.ppo.gradient_accumulation
+        return accumulation >= chunks
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -367,8 +399,19 @@ class PPOModule(TrainableOnlyModule):
         return advantages, returns
 
     def _update(
-        self, batch: Batch, mask, old_logprobs, ref_logprobs, old_values, advantages, returns
+        self,
+        batch: Batch,
+        mask,
+        old_logprobs,
+        ref_logprobs,
+        old_values,
+        advantages,
+        returns,
+        fill_old: bool = False,
     ) -> dict:
+        """Backward passes and optimiser steps over the rollout; with ``fill_old``
+        (``_reuses_update_logprobs``), each minibatch's detached log-probs are written into
+        ``old_logprobs`` before use."""
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         n = mask.shape[0]
@@ -385,7 +428,16 @@ class PPOModule(TrainableOnlyModule):
                 order = torch.randperm(n, device=mask.device)
                 for idx in self._chunks(n, order):
                     for loss, step_stats in self._minibatch_losses(
-                        batch, idx, epoch, mask, old_logprobs, ref_logprobs, old_values, advantages, returns
+                        batch,
+                        idx,
+                        epoch,
+                        mask,
+                        old_logprobs,
+                        ref_logprobs,
+                        old_values,
+                        advantages,
+                        returns,
+                        fill_old,
                     ):
                         self._check_finite("loss", loss)
                         self.manual_backward(loss / accumulation)
@@ -411,7 +463,17 @@ class PPOModule(TrainableOnlyModule):
         return self.value_mode in ("adapter", "separate") and world == 1
 
     def _minibatch_losses(
-        self, batch: Batch, idx, epoch: int, mask, old_logprobs, ref_logprobs, old_values, advantages, returns
+        self,
+        batch: Batch,
+        idx,
+        epoch: int,
+        mask,
+        old_logprobs,
+        ref_logprobs,
+        old_values,
+        advantages,
+        returns,
+        fill_old: bool = False,
     ) -> Iterator[tuple[torch.Tensor, dict]]:
         """Losses of rows ``idx`` to backpropagate in turn, each with its parts for logging.
 
@@ -421,6 +483,8 @@ class PPOModule(TrainableOnlyModule):
         """
         split = self._split_backward()
         out = self._forward(batch, idx, with_values=not split, with_entropy=epoch == 0)
+        if fill_old:
+            old_logprobs[idx] = out["logprobs"].detach()
         m = mask[idx]
         if self.algorithm == "reinforce":
             pg_loss = losses.reinforce_policy_loss(out["logprobs"], advantages[idx], m)

@@ -86,8 +86,8 @@ MUTANTS = (
     Mutant(
         "kl-not-masked-after-eos",
         RL,
-        "kl_tokens = losses.kl_penalty(old_logprobs, ref_logprobs, self.kl_spec.estimator) * mask",
-        "kl_tokens = losses.kl_penalty(old_logprobs, ref_logprobs, self.kl_spec.estimator)",
+        "return losses.kl_penalty(logprobs, ref_logprobs, self.kl_spec.estimator) * mask",
+        "return losses.kl_penalty(logprobs, ref_logprobs, self.kl_spec.estimator)",
         (
             f"{MATH}::test_kl_per_sequence_counts_tokens_up_to_eos",
             f"{MATH}::test_rloo_advantages_subtract_the_masked_kl_by_hand",
