@@ -186,3 +186,22 @@ def test_on_policy_update_skips_the_rollout_pass_exactly(tiny_model_dir: Path, a
 def test_when_the_rollout_pass_is_skipped(tiny_model_dir: Path, algorithm, ppo, kl, reuses: bool) -> None:
     module = ppo_module(tiny_model_dir, algorithm, ppo=ppo, kl=kl)
     assert module._reuses_update_logprobs(4) is reuses
+
+
+@pytest.mark.parametrize(("share_prompt", "whole_groups"), [(True, True), (False, False)])
+def test_update_minibatches_keep_a_prompts_samples_together(
+    tiny_model_dir: Path, share_prompt: bool, whole_groups: bool
+) -> None:
+    """Packing prompts, the update shuffles whole groups (prompt-major rows ``p*k … p*k+k-1``), so
+    a minibatch computes each prompt once for its k samples; unpacked, rows are shuffled."""
+    module = ppo_module(tiny_model_dir, "grpo", share_prompt=share_prompt, kl=KLSpec(0.0, penalty="loss"))
+    module.configure_model()
+    torch.manual_seed(0)
+    orders = [module._update_order(12, 3, torch.device("cpu")) for _ in range(20)]
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(12))
+    grouped = [
+        all(len({int(i) // 3 for i in order[j : j + 3]}) == 1 for j in range(0, 12, 3)) for order in orders
+    ]
+    assert all(grouped) if whole_groups else not any(grouped)
+    assert len({tuple(o.tolist()) for o in orders}) > 10  # still random

@@ -425,7 +425,7 @@ class PPOModule(TrainableOnlyModule):
         # The module trains in eval mode (no dropout); keep gradient checkpointing active anyway.
         with checkpointing_in_eval(self):
             for epoch in range(self.ppo.epochs):
-                order = torch.randperm(n, device=mask.device)
+                order = self._update_order(n, int(batch.get("samples_per_prompt", 1)), mask.device)
                 for idx in self._chunks(n, order):
                     for loss, step_stats in self._minibatch_losses(
                         batch,
@@ -549,6 +549,17 @@ class PPOModule(TrainableOnlyModule):
         optimizer.zero_grad(set_to_none=True)
         if scheduler is not None:
             scheduler.step()
+
+    def _update_order(self, n: int, samples_per_prompt: int, device: torch.device) -> torch.Tensor:
+        """A random order ``(n,)`` of a rollout's rows for the update's minibatches. Packing
+        prompts (``share_prompt``) with k = ``samples_per_prompt`` > 1, whole groups are shuffled
+        (rows ``p*k … p*k+k-1`` stay together, in a prompt-major rollout), so a minibatch computes
+        each of its prompts once for all k samples and its packed rows are equally long."""
+        k = samples_per_prompt
+        if not self._packing or k < 2 or n % k:
+            return torch.randperm(n, device=device)
+        groups = torch.randperm(n // k, device=device)
+        return (groups[:, None] * k + torch.arange(k, device=device)).flatten()
 
     def _chunks(self, n: int, order: torch.Tensor | None = None) -> list[torch.Tensor]:
         order = torch.arange(n, device=self.device) if order is None else order
