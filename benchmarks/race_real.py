@@ -545,6 +545,10 @@ def _pairs_of(results: list[dict]) -> dict[str, dict[str, dict]]:
     return by_job
 
 
+def _over(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
+
+
 def summary(results: list[dict]) -> dict[str, dict[str, float]]:
     """perlhf / TRL per job: throughput (higher favours perlhf), peak memory (lower favours perlhf)
     and quality difference (accuracy or judge score, perlhf − TRL)."""
@@ -563,7 +567,9 @@ def summary(results: list[dict]) -> dict[str, dict[str, float]]:
         out[job] = {
             "speed": p[rate] / t[rate],
             "memory": p["peak_mb"] / t["peak_mb"],
-            "memory_over_imports": (p["peak_mb"] - p["import_rss_mb"]) / (t["peak_mb"] - t["import_rss_mb"]),
+            "memory_over_imports": _over(
+                p["peak_mb"] - p["import_rss_mb"], t["peak_mb"] - t["import_rss_mb"]
+            ),
             "quality_delta": quality,
         }
     return out

@@ -89,7 +89,7 @@ def test_race_writes_both_tools_side_by_side(
     assert set(records) == {(j, f) for j in ("rm-hh", "grpo") for f in ("perlhf", "trl")}
     for r in records.values():
         assert "error" not in r, r.get("error")
-        assert r["step_s"] > 0 and r["peak_mb"] > r["import_rss_mb"] > 0
+        assert r["step_s"] > 0 and r["peak_mb"] >= r["import_rss_mb"] > 0
     for job in ("rm-hh", "grpo"):
         # Same model, same adapter placement: the same trainable parameter count on both sides.
         assert records[job, "perlhf"]["trainable_params"] == records[job, "trl"]["trainable_params"] > 0
