@@ -2,7 +2,7 @@
 time, memory and quality, side by side.
 
     python -m perlhf.quickstart_real --root /tmp/real         # once: model, data, reward model
-    python benchmarks/race_real.py --root /tmp/real            # every job (~25 min on 2 cores)
+    python benchmarks/race_real.py --root /tmp/real            # every job (~30 min on 2 cores)
     python benchmarks/race_real.py --root /tmp/real --jobs rm-hh --rm-steps 4 --eval-pairs 16
 
 Needs TRL (``pip install -e ".[bench]"``); perlhf itself never imports it. Jobs:
