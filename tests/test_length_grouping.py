@@ -100,7 +100,7 @@ def test_preference_group_by_length_uses_the_longer_answer(tmp_path: Path, tok_d
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     pads = {}
     for grouped in (False, True):
-        dm = make_dm(path, tok_dir, batch_size=8, val_fraction=0.0, group_by_length=grouped)
+        dm = make_dm(path, tok_dir, batch_size=8, group_by_length=grouped)
         pads[grouped] = _padding(dm.train_dataloader())
     assert pads[True][1] == pads[False][1] and sorted(pads[True][2]) == sorted(pads[False][2])
     assert pads[True][0] < 0.5 * pads[False][0], (pads[True][0], pads[False][0])

@@ -51,6 +51,15 @@ from perlhf.models import load_tokenizer
 Format = Literal["auto", "explicit", "implicit", "conversational", "scored", "tldr", "classifier"]
 
 
+def pair_lengths(dataset: Any) -> list[int]:
+    """Per encoded example: the longer of its chosen and rejected sequences (pairwise), else its
+    length; what ``group_by_length`` sorts by."""
+    if "chosen_input_ids" in dataset.column_names:
+        chosen, rejected = dataset["chosen_input_ids"], dataset["rejected_input_ids"]
+        return [max(len(c), len(r)) for c, r in zip(chosen, rejected, strict=True)]
+    return [len(ids) for ids in dataset["input_ids"]]
+
+
 class PreferenceDataModule(L.LightningDataModule):
     """Preference pairs (or good/bad labelled responses) for reward-model training.
 
@@ -84,6 +93,9 @@ class PreferenceDataModule(L.LightningDataModule):
         max_train_samples: Use at most this many training rows.
         max_val_samples: Use at most this many validation rows.
         seed: Seed of the validation hold-out and of training shuffling.
+        group_by_length: Batch training examples of similar length together (mega-batches of
+            50 batches sorted by length, batches shuffled within; order still from ``seed`` and
+            the epoch, so resuming is exact): far less padding when lengths vary.
         image_column: Column of each prompt's images (a file path, image bytes or a PIL image, or a
             list of them); None: ``images`` or ``image`` when the data has one. Image data is
             encoded with the processor (``AutoProcessor``) of the tokenizer's model, a VLM.
@@ -112,6 +124,7 @@ class PreferenceDataModule(L.LightningDataModule):
         max_train_samples: int | None = None,
         max_val_samples: int | None = None,
         seed: int = 0,
+        group_by_length: bool = False,
         image_column: str | None = None,
         image_root: str | None = None,
         allow_images_outside_root: bool = False,
@@ -134,6 +147,7 @@ class PreferenceDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_samples = {"train": max_train_samples, "val": max_val_samples}
         self.seed = seed
+        self.group_by_length = group_by_length
         self.image_column = image_column
         self.image_root, self.allow_images_outside_root = image_root, allow_images_outside_root
         self.processor = None  # a VLM's processor, loaded when the data has images
@@ -171,9 +185,12 @@ class PreferenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Order depends on (seed, epoch) only and the loader's position is checkpointed, so a run
         # resumed at any step sees the batches the uninterrupted run would have seen.
-        sampler = (
-            EpochSeededSampler(self.datasets["train"], seed=self.seed) if "train" in self.datasets else None
-        )
+        sampler = None
+        if "train" in self.datasets:
+            lengths = pair_lengths(self.datasets["train"]) if self.group_by_length else None
+            sampler = EpochSeededSampler(
+                self.datasets["train"], seed=self.seed, lengths=lengths, batch_size=self.batch_size
+            )
         return self._loader("train", self.batch_size, sampler=sampler, loader=ResumableDataLoader)
 
     def val_dataloader(self) -> DataLoader:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from itertools import islice
 from typing import Any
 
@@ -16,22 +16,61 @@ class EpochSeededSampler(Sampler[int]):
     A ``RandomSampler`` with a generator carries its state across epochs, so a run resumed from
     a checkpoint would see epochs in a different order than the uninterrupted run. Lightning calls
     ``set_epoch`` before each epoch, so here epoch ``e`` has the same order however it is reached.
+
+    With ``lengths`` (one per example) the order is length-grouped for batches of ``batch_size``
+    (``length_grouped``): batches hold examples of similar length, so little of each padded batch
+    is padding, and the order still depends on ``(seed, epoch)`` alone.
     """
 
-    def __init__(self, data_source: Sized, seed: int = 0) -> None:
+    def __init__(
+        self,
+        data_source: Sized,
+        seed: int = 0,
+        lengths: Sequence[int] | None = None,
+        batch_size: int = 1,
+        group_batches: int = 50,
+    ) -> None:
+        if lengths is not None and len(lengths) != len(data_source):
+            raise ValueError(f"lengths: {len(lengths)} values for {len(data_source)} examples")
         self.num_samples = len(data_source)
         self.seed = seed
         self.epoch = 0
+        self.lengths, self.batch_size, self.group_batches = lengths, batch_size, group_batches
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        if self.lengths is None:
+            return iter(order)
+        return iter(length_grouped(order, self.lengths, self.batch_size, self.group_batches, generator))
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def length_grouped(
+    order: list[int], lengths: Sequence[int], batch_size: int, group_batches: int, generator: torch.Generator
+) -> list[int]:
+    """``order`` (a shuffled index list) regrouped by length, as "group by length" samplers do: cut
+    into mega-batches of ``group_batches · batch_size`` indices, sort each by length (longest
+    first), cut that into batches and shuffle the full batches within the mega-batch. A final
+    partial batch stays last, so a loader of ``batch_size`` draws exactly these batches."""
+    if batch_size < 1 or group_batches < 1:
+        raise ValueError(f"batch_size and group_batches must be >= 1, got {batch_size}, {group_batches}")
+    mega = batch_size * group_batches
+    grouped: list[int] = []
+    tail: list[int] = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        batches = [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
+        if len(batches[-1]) < batch_size:
+            tail = batches.pop()
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            grouped += batches[b]
+    return grouped + tail
 
 
 class _Skipped:
