@@ -46,6 +46,9 @@ import race_trl  # noqa: E402
 from bench_jobs import _trainer  # noqa: E402
 
 FRAMEWORKS = ("perlhf", "trl")
+FULL = "perlhf-full"  # --full: perlhf with full fine-tuning, the paper's baseline for LoRA
+FULL_LR_FACTOR = 0.1  # full fine-tuning's lr: a tenth of LoRA's ("LoRA Without Regret", 2025)
+LABELS = {"perlhf": "perlhf", "trl": "TRL", FULL: "perlhf, full fine-tuning (lr ×0.1)"}
 JOBS = ("rm-hh", "rm-short", "rloo", "grpo")
 PHASES = ("generate", "score", "old_logprobs", "reference", "update", "other")
 RANK, ALPHA = 8, 16
@@ -158,9 +161,9 @@ def run_worker(spec: dict) -> dict:
     torch.manual_seed(spec["seed"])
     with tempfile.TemporaryDirectory() as tmp:
         if spec["job"].startswith("rm"):
-            (_perlhf_reward if spec["framework"] == "perlhf" else _trl_reward)(spec, tmp, record)
+            (_trl_reward if spec["framework"] == "trl" else _perlhf_reward)(spec, tmp, record)
         else:
-            (_perlhf_rl if spec["framework"] == "perlhf" else _trl_rl)(spec, tmp, record)
+            (_trl_rl if spec["framework"] == "trl" else _perlhf_rl)(spec, tmp, record)
     record.update(bench._memory(torch.device("cpu")))
     return record
 
@@ -194,20 +197,17 @@ def _perlhf_reward(spec: dict, tmp: str, record: dict) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from perlhf.models import LoraSpec, ModelConfig, count_parameters
+    from perlhf.models import count_parameters
     from perlhf.modules import RewardModule
 
     train, test, pad_id = _reward_data(spec)
     b = spec["rm_pairs"]
     batches = [collate(train[i : i + b], pad_id) for i in range(0, len(train), b)]
+    config, lr = _perlhf_model(spec, Path(spec["root"]), RM_LR)
     module = RewardModule(
-        ModelConfig(
-            name_or_path=str(Path(spec["root"]) / MODEL_DIR),
-            finetune="lora",
-            lora=LoraSpec(r=RANK, alpha=ALPHA, dropout=0.0, target_modules="all-linear"),
-        ),
+        config,
         share_prefix=spec["share_prefix"],
-        optimizer=lambda params: torch.optim.AdamW(params, lr=RM_LR, weight_decay=0.0),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
     )
     clock = bench.PhaseClock(False)
 
@@ -280,18 +280,16 @@ def _perlhf_rl(spec: dict, tmp: str, record: dict) -> None:
     import torch
 
     from perlhf.data import RolloutDataModule
-    from perlhf.models import LoraSpec, ModelConfig, count_parameters
+    from perlhf.models import count_parameters
     from perlhf.modules import PPOModule
     from perlhf.modules.rl_config import KLSpec, PPOSpec
 
     root, algorithm = Path(spec["root"]), spec["job"]
     n = spec["rl_prompts"] * spec["rl_samples"]
     grpo = algorithm == "grpo"
+    config, lr = _perlhf_model(spec, root, RL_LR)
     module = PPOModule(
-        ModelConfig(
-            name_or_path=str(root / MODEL_DIR),
-            lora=LoraSpec(r=RANK, alpha=ALPHA, dropout=0.0, target_modules="all-linear"),
-        ),
+        config,
         algorithm=algorithm,
         ppo=PPOSpec(
             epochs=1,
@@ -302,7 +300,7 @@ def _perlhf_rl(spec: dict, tmp: str, record: dict) -> None:
             loss_aggregation="grpo",
         ),
         kl=KLSpec(coef=KL[algorithm], estimator="k3" if grpo else "k1", penalty="loss" if grpo else "reward"),
-        optimizer=lambda params: torch.optim.AdamW(params, lr=RL_LR, weight_decay=0.0),
+        optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
         log_samples_every=0,
     )
     data = RolloutDataModule(
@@ -341,6 +339,16 @@ def _perlhf_rl(spec: dict, tmp: str, record: dict) -> None:
     trainer.fit(module, datamodule=data)
     module.save_pretrained(Path(spec["policy_out"]), merged=True)
     _rl_record(spec, clock, lengths, record)
+
+
+def _perlhf_model(spec: dict, root: Path, lora_lr: float) -> tuple[Any, float]:
+    """perlhf's ``ModelConfig`` and learning rate: LoRA, or for ``perlhf-full`` full fine-tuning."""
+    from perlhf.models import LoraSpec, ModelConfig
+
+    full = spec["framework"] == FULL
+    lora = LoraSpec(r=RANK, alpha=ALPHA, dropout=0.0, target_modules="all-linear")
+    config = ModelConfig(name_or_path=str(root / MODEL_DIR), finetune="full" if full else "lora", lora=lora)
+    return config, lora_lr * FULL_LR_FACTOR if full else lora_lr
 
 
 def _rl_record(spec: dict, clock: bench.PhaseClock, lengths: list[float], record: dict) -> None:
@@ -453,6 +461,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for key, value in DEFAULTS.items():
         p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
     p.add_argument(
+        "--frameworks",
+        nargs="+",
+        choices=[*FRAMEWORKS, FULL],
+        default=list(FRAMEWORKS),
+        help=f"{FULL}: perlhf with full fine-tuning (lr a tenth of LoRA's), the paper's baseline",
+    )
+    p.add_argument(
         "--no-share-prefix", action="store_true", help="perlhf's reward model without prefix sharing"
     )
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
@@ -494,16 +509,17 @@ def main(argv: list[str] | None = None) -> Path:
         "options": opts,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    # Jobs not run this time keep their records from an earlier run into the same folder.
+    # (job, tool) pairs not run this time keep their records from an earlier run into this folder.
     earlier = json.loads((out / "race.json").read_text()) if (out / "race.json").exists() else {}
-    results = [r for r in earlier.get("results", []) if r.get("job") not in args.jobs]
+    ran = {(job, fw) for job in args.jobs for fw in args.frameworks}
+    results = [r for r in earlier.get("results", []) if (r.get("job"), r.get("framework")) not in ran]
     meta["commands"] = {
         **earlier.get("meta", {}).get("commands", {}),
-        **{job: meta["command"] for job in args.jobs},
+        **{f"{job} {fw}": meta["command"] for job, fw in sorted(ran)},
     }
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as policies:
-        jobs = [(job, fw) for job in args.jobs for fw in FRAMEWORKS]
+        jobs = [(job, fw) for job in args.jobs for fw in args.frameworks]
         for i, (job, framework) in enumerate(jobs):
             spec = {**opts, "job": job, "framework": framework, "policy_out": f"{policies}/{job}-{framework}"}
             record = bench.run_subprocess(spec, args.timeout, script=Path(__file__).resolve())
@@ -549,21 +565,33 @@ def _over(a: float, b: float) -> float:
     return a / b if b > 0 else float("nan")
 
 
+def _quality(job: str, record: dict) -> float:
+    """Held-out accuracy (reward model) or the judge's mean score (RL)."""
+    if job.startswith("rm"):
+        return record["accuracy"]
+    return record.get("judge", {}).get("judge_score", float("nan"))
+
+
 def summary(results: list[dict]) -> dict[str, dict[str, float]]:
     """perlhf / TRL per job: throughput (higher favours perlhf), peak memory (lower favours perlhf)
     and quality difference (accuracy or judge score, perlhf − TRL)."""
     out = {}
     for job, rows in _pairs_of(results).items():
-        if set(rows) != set(FRAMEWORKS):
+        rate = "pairs_per_s" if job.startswith("rm") else "samples_per_s"
+        if {"perlhf", FULL} <= set(rows):  # the paper's comparison: LoRA against full fine-tuning
+            lora, full = rows["perlhf"], rows[FULL]
+            out[f"{job} lora/full"] = {
+                "speed": lora[rate] / full[rate],
+                "memory": lora["peak_mb"] / full["peak_mb"],
+                "memory_over_imports": _over(
+                    lora["peak_mb"] - lora["import_rss_mb"], full["peak_mb"] - full["import_rss_mb"]
+                ),
+                "quality_delta": _quality(job, lora) - _quality(job, full),
+            }
+        if not set(FRAMEWORKS) <= set(rows):
             continue
         p, t = rows["perlhf"], rows["trl"]
-        rate = "pairs_per_s" if job.startswith("rm") else "samples_per_s"
-        quality = (
-            p["accuracy"] - t["accuracy"]
-            if job.startswith("rm")
-            else p.get("judge", {}).get("judge_score", float("nan"))
-            - t.get("judge", {}).get("judge_score", float("nan"))
-        )
+        quality = _quality(job, p) - _quality(job, t)
         out[job] = {
             "speed": p[rate] / t[rate],
             "memory": p["peak_mb"] / t["peak_mb"],
@@ -606,6 +634,13 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
         "samples its own prompts from the same set.",
         "",
     ]
+    if any(r.get("framework") == FULL for r in results):
+        lines[-1:-1] = [
+            f"- {LABELS[FULL]}: perlhf on the same job with every weight trained (and, for RL, a frozen "
+            f"copy of the model as the reference), at {FULL_LR_FACTOR:g}× LoRA's learning rate "
+            f"({RM_LR * FULL_LR_FACTOR:g} reward model, {RL_LR * FULL_LR_FACTOR:g} RL): the paper's "
+            "LoRA-vs-full resource comparison on this model.",
+        ]
     by_job = _pairs_of(results)
     ratios = summary(results)
     for job in [j for j in JOBS if any(r.get("job") == j for r in results)]:
@@ -639,7 +674,7 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
                 "peak − imports",
             ]
         lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-        for fw in FRAMEWORKS:
+        for fw in (*FRAMEWORKS, FULL):
             r = rows.get(fw)
             if r is None:
                 continue
@@ -663,11 +698,7 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
                     f"{j.get('win_rate', float('nan')):.0%}",
                     f"{j.get('kl_to_start', float('nan')):.2f}",
                 ]
-            lines.append(
-                "| "
-                + " | ".join([fw.replace("trl", "TRL"), f"{r['trainable_params']:,}", *cells, *mem])
-                + " |"
-            )
+            lines.append("| " + " | ".join([LABELS[fw], f"{r['trainable_params']:,}", *cells, *mem]) + " |")
         if job in ratios:
             s = ratios[job]
             what = "accuracy" if rm else "judge score"
@@ -676,6 +707,13 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
                 f"perlhf / TRL: **{s['speed']:.2f}×** {'pairs' if rm else 'samples'}/s, "
                 f"**{s['memory']:.2f}×** peak memory ({s['memory_over_imports']:.2f}× over imports), "
                 f"{what} {s['quality_delta']:+.3f}."
+            )
+        if f"{job} lora/full" in ratios:
+            s = ratios[f"{job} lora/full"]
+            lines.append(
+                f"perlhf, LoRA / full fine-tuning: **{s['speed']:.2f}×** {'pairs' if rm else 'samples'}/s, "
+                f"**{s['memory']:.2f}×** peak memory ({s['memory_over_imports']:.2f}× over imports), "
+                f"{'accuracy' if rm else 'judge score'} {s['quality_delta']:+.3f}."
             )
         if not rm:
             start = next((r["judge"]["start_judge_score"] for r in rows.values() if "judge" in r), None)
@@ -696,7 +734,7 @@ def write_outputs(out: Path, meta: dict, results: list[dict]) -> None:
         json.dumps({"meta": meta, "results": results, "summary": summary(results)}, indent=1)
     )
     (out / "race.md").write_text(render_markdown(meta, results))
-    ratios = summary(results)
+    ratios = {job: r for job, r in summary(results).items() if "/" not in job}  # perlhf / TRL
     if ratios:
         plot(ratios, out / "race.png")
 

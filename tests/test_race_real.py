@@ -119,4 +119,6 @@ def test_race_writes_both_tools_side_by_side(
     )
     again = json.loads((out / "race.json").read_text())
     assert {(r["job"], r["framework"]) for r in again["results"]} == set(records)
-    assert again["results"][-1]["job"] == "rm-hh" and set(again["meta"]["commands"]) == {"rm-hh", "grpo"}
+    assert again["results"][-1]["job"] == "rm-hh" and set(again["meta"]["commands"]) == {
+        f"{j} {f}" for j in ("rm-hh", "grpo") for f in ("perlhf", "trl")
+    }
