@@ -148,6 +148,9 @@ class RewardModule(TrainableOnlyModule):
         ``share_prefix`` (logging the share of tokens computed)."""
         packed = self._pack(batch) if self.objective == "pairwise" else None
         if packed is None:
+            if stage == "train":  # real tokens per position computed (``group_by_length`` raises it)
+                real = batch["attention_mask"].float().mean()
+                self.log("train/real_token_fraction", real, batch_size=batch["input_ids"].shape[0])
             return self(batch["input_ids"], batch["attention_mask"], **batch.get("vision", {}))
         chosen, rejected = self.packed_rewards(packed)
         fraction = packed.tokens / packed.unshared_tokens  # tokens computed per unshared token

@@ -100,6 +100,9 @@ class SFTModule(TrainableOnlyModule):
             on_epoch=False,
             batch_size=batch_size,
         )
+        # Real tokens per position computed: what padding costs (``group_by_length`` raises it).
+        real = batch["attention_mask"].float().mean()
+        self.log("train/real_token_fraction", real, on_step=True, on_epoch=False, batch_size=batch_size)
         return loss
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
