@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
@@ -243,7 +244,7 @@ def _trl_reward(spec: dict, tmp: str, record: dict) -> None:
         ),
         processing_class=_tokenizer(Path(spec["root"])),
         peft_config=_lora("SEQ_CLS"),
-        callbacks=[race_trl._trl_timer(clock, race_trl._on_start(record, _Cpu()))],
+        callbacks=[race_trl._trl_timer(clock, race_trl._on_start(record, CPU))],
     )
     trainer.train()
     model = trainer.model.eval()
@@ -251,10 +252,7 @@ def _trl_reward(spec: dict, tmp: str, record: dict) -> None:
     record.update(_rm_record(spec, clock, train, accuracy))
 
 
-class _Cpu:
-    type = "cpu"
-
-
+CPU = SimpleNamespace(type="cpu")  # the device race_trl's helpers are given (they read ``.type``)
 _FP32 = bench.parse_setting("lora-r8", False, "32-true")  # the Lightning Trainer's precision
 
 
@@ -268,7 +266,7 @@ def _lora(task_type: str) -> Any:
 
 def _trl_args(spec: dict, tmp: str, steps: int, lr: float) -> dict[str, Any]:
     """``TrainingArguments`` both TRL trainers share here (race_trl's, with this race's values)."""
-    args = race_trl._common_args({**spec, "steps": steps, "warmup": 0, "precision": "32-true"}, _Cpu(), tmp)
+    args = race_trl._common_args({**spec, "steps": steps, "warmup": 0, "precision": "32-true"}, CPU, tmp)
     return args | {"learning_rate": lr, "weight_decay": 0.0, "disable_dropout": True}
 
 
@@ -397,7 +395,7 @@ def _trl_rl(spec: dict, tmp: str, record: dict) -> None:
         processing_class=tokenizer,
         reward_processing_classes=reward_tokenizer,
         peft_config=_lora("CAUSAL_LM"),
-        callbacks=[race_trl._trl_timer(clock, race_trl._on_start(record, _Cpu()))],
+        callbacks=[race_trl._trl_timer(clock, race_trl._on_start(record, CPU))],
     )
     lengths: list[float] = []
 
