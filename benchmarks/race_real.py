@@ -20,8 +20,11 @@ Needs TRL (``pip install -e ".[bench]"``); perlhf itself never imports it. Jobs:
   policy and KL to it (``perlhf.quickstart_real.evaluate``, one seeded sample per prompt), for
   each trained policy in a fresh process.
 
-Same for both sides: LoRA r8 (alpha 16, dropout 0) on every linear layer, fp32, torch AdamW with a
-constant learning rate, no checkpointing, evaluation or logging during the timed steps. Each
+Same for both sides: LoRA r8 (alpha 16, dropout 0) on every linear layer, fp32, torch AdamW with
+the same schedule (reward model: ``--rm-schedule``, by default cosine decay to 0 over the run, as in
+``configs/real/reward.yaml``: at a constant lr 2e-3 the last steps swing so much that rounding
+differences alone moved held-out accuracy by ±0.07; RL: constant), no checkpointing, evaluation or
+logging during the timed steps. Each
 (job, framework) runs in its own worker process (``--worker SPEC --result OUT``). Writes
 ``benchmarks/results/<device>/race-real/race.{json,md,png}``.
 """
@@ -70,7 +73,9 @@ DEFAULTS = {
     "temperature": 0.7,
     "eval_prompts": 96,
     "warmup": 1,
+    "rm_schedule": "cosine",
 }
+RM_SCHEDULES = ("cosine", "constant")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -209,6 +214,7 @@ def _perlhf_reward(spec: dict, tmp: str, record: dict) -> None:
         config,
         share_prefix=spec["share_prefix"],
         optimizer=lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0),
+        scheduler=rm_scheduler(spec),
     )
     clock = bench.PhaseClock(False)
 
@@ -219,6 +225,18 @@ def _perlhf_reward(spec: dict, tmp: str, record: dict) -> None:
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     module.eval()
     record.update(_rm_record(spec, clock, train, pair_accuracy(module, test, pad_id)))
+
+
+def rm_scheduler(spec: dict) -> Any:
+    """perlhf's reward-model lr schedule for ``spec["rm_schedule"]``: ``None`` (constant) or
+    cosine decay to 0 over the run, the curve of transformers' ``"cosine"`` with no warm-up,
+    ``lr · ½(1 + cos(π · step / total))``, stepped per optimiser step."""
+    if spec["rm_schedule"] == "constant":
+        return None
+    import torch
+
+    total = spec["warmup"] + spec["rm_steps"]
+    return lambda optimizer: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
 
 
 def _trl_reward(spec: dict, tmp: str, record: dict) -> None:
@@ -234,6 +252,7 @@ def _trl_reward(spec: dict, tmp: str, record: dict) -> None:
         train_sampling_strategy="sequential",
         max_length=None,
         max_grad_norm=0.0,  # RewardModule: no clipping unless the Trainer is told to
+        lr_scheduler_type=spec["rm_schedule"],
     )
     clock = bench.PhaseClock(False)
     trainer = RewardTrainer(
@@ -457,7 +476,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--root", help="folder of `python -m perlhf.quickstart_real --root ROOT`")
     p.add_argument("--jobs", nargs="+", choices=JOBS, default=list(JOBS))
     for key, value in DEFAULTS.items():
-        p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value)
+        choices = RM_SCHEDULES if key == "rm_schedule" else None
+        p.add_argument("--" + key.replace("_", "-"), type=type(value), default=value, choices=choices)
     p.add_argument(
         "--frameworks",
         nargs="+",
@@ -601,6 +621,10 @@ def summary(results: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def _schedule(options: dict) -> str:
+    return "cosine decay to 0 over the run" if options.get("rm_schedule") == "cosine" else "constant"
+
+
 def render_markdown(meta: dict, results: list[dict]) -> str:
     o = meta["options"]
     n = o["rl_prompts"] * o["rl_samples"]
@@ -613,19 +637,19 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
         f"{meta.get('wall_s', 0) / 60:.1f} min in all.",
         "",
         f"Both sides: LoRA r{RANK} (alpha {ALPHA}, dropout 0) on every linear layer, fp32, torch AdamW "
-        f"(weight decay 0, constant lr), each (job, tool) in its own process; medians over the steps after "
+        f"(weight decay 0), each (job, tool) in its own process; medians over the steps after "
         f"{o['warmup']} warm-up. Memory: the worker's peak RSS, and its rise over the RSS after imports.",
         "",
         f"- Reward model: {o['rm_pairs']} pairs per step, {o['rm_steps']} steps after the warm-up, "
-        f"lr {RM_LR}, "
+        f"lr {RM_LR} ({_schedule(o)}), "
         f"the same token ids in the same order; accuracy on {o['eval_pairs']} held-out pairs after training. "
         f"HH-like: {o['hh_turns']} earlier exchanges before each prompt. perlhf: `RewardModule("
         f"share_prefix={o['share_prefix']})`; TRL: `RewardTrainer`.",
         f"- RL: {o['rl_prompts']} prompts × {o['rl_samples']} samples = {n} per rollout, up to "
         f"{o['new_tokens']} new tokens at temperature {o['temperature']} (EOS ends a response), one "
-        f"optimiser step per rollout (minibatch {o['minibatch']}, accumulated), lr {RL_LR}, clip {CLIP}, "
-        f"gradient-norm clip {MAX_GRAD_NORM}, {o['rl_steps']} rollouts after the warm-up; the frozen "
-        f"reward model from the quickstart. RLOO: β {KL['rloo']} (k1, in the reward), whitened "
+        f"optimiser step per rollout (minibatch {o['minibatch']}, accumulated), constant lr {RL_LR}, "
+        f"clip {CLIP}, gradient-norm clip {MAX_GRAD_NORM}, {o['rl_steps']} rollouts after the warm-up; "
+        f"the frozen reward model from the quickstart. RLOO: β {KL['rloo']} (k1, in the reward), whitened "
         f"advantages. GRPO: β {KL['grpo']} (k3, in the loss), group-normalised advantages, per-sequence "
         "mean loss. Quality: the VADER judge on "
         f"{o['eval_prompts']} held-out prompts, win rate and KL against the starting policy. Each tool "

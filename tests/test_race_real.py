@@ -122,3 +122,33 @@ def test_race_writes_both_tools_side_by_side(
     assert again["results"][-1]["job"] == "rm-hh" and set(again["meta"]["commands"]) == {
         f"{j} {f}" for j in ("rm-hh", "grpo") for f in ("perlhf", "trl")
     }
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_reward_model_schedule_is_transformers_curve(schedule: str) -> None:
+    """perlhf's side steps the lr along the curve TRL's ``lr_scheduler_type`` gives (no warm-up):
+    cosine ``2e-3 · ½(1 + cos(π t / 4))`` = 2e-3, 1.707e-3, 1e-3, 0.293e-3, 0 over 4 steps."""
+    import torch
+    from transformers import get_scheduler
+
+    race = _load_race()
+    spec = {"rm_schedule": schedule, "warmup": 1, "rm_steps": 3}
+
+    def lrs(make) -> list[float]:
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+        scheduler = make(optimizer)
+        out = []
+        for _ in range(5):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+        return out
+
+    ours = race.rm_scheduler(spec)
+    theirs = lrs(lambda opt: get_scheduler(schedule, opt, num_warmup_steps=0, num_training_steps=4))
+    assert lrs(ours or (lambda opt: None)) == pytest.approx(theirs, abs=1e-12)
+    if schedule == "cosine":
+        assert theirs == pytest.approx([2e-3, 1.7071068e-3, 1e-3, 0.2928932e-3, 0.0], abs=1e-9)
+    else:
+        assert ours is None and theirs == [2e-3] * 5
