@@ -247,12 +247,12 @@ def _trl_reward(spec: dict, tmp: str, record: dict) -> None:
 
     train, test, pad_id = _reward_data(spec)
     args = RewardConfig(
-        **_trl_args(spec, tmp, spec["warmup"] + spec["rm_steps"], RM_LR),
+        **_trl_args(spec, tmp, spec["warmup"] + spec["rm_steps"], RM_LR)
+        | {"lr_scheduler_type": spec["rm_schedule"]},
         per_device_train_batch_size=spec["rm_pairs"],
         train_sampling_strategy="sequential",
         max_length=None,
         max_grad_norm=0.0,  # RewardModule: no clipping unless the Trainer is told to
-        lr_scheduler_type=spec["rm_schedule"],
     )
     clock = bench.PhaseClock(False)
     trainer = RewardTrainer(
