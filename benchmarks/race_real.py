@@ -184,7 +184,9 @@ def _reward_data(spec: dict) -> tuple[list, list, int]:
     return train, test, _tokenizer(root).pad_token_id
 
 
-def _rm_record(spec: dict, clock: bench.PhaseClock, train: list, accuracy: float) -> dict:
+def _rm_record(
+    spec: dict, clock: bench.PhaseClock, train: list, accuracy: float, losses: list[float]
+) -> dict:
     steps = clock.steps[spec["warmup"] :]
     step_s = statistics.median(s["batch_s"] for s in steps)
     tokens = sum(len(c) + len(r) for c, r in train) / (len(train) / spec["rm_pairs"])
@@ -196,11 +198,13 @@ def _rm_record(spec: dict, clock: bench.PhaseClock, train: list, accuracy: float
         "pairs_per_s": spec["rm_pairs"] / step_s,
         "tokens_per_step": tokens,
         "accuracy": accuracy,
+        "losses": losses,  # every step's training loss, warm-up included: the two tools' curves
     }
 
 
 def _perlhf_reward(spec: dict, tmp: str, record: dict) -> None:
     import torch
+    from lightning.pytorch import Callback
     from torch.utils.data import DataLoader
 
     from perlhf.models import count_parameters
@@ -217,14 +221,21 @@ def _perlhf_reward(spec: dict, tmp: str, record: dict) -> None:
         scheduler=rm_scheduler(spec),
     )
     clock = bench.PhaseClock(False)
+    losses: list[Any] = []
 
     def on_start(trainer: Any, module: Any) -> None:
         record["trainable_params"], record["total_params"] = count_parameters(module)
 
-    trainer = _trainer({"device": "cpu"}, _FP32, [bench._step_timer(clock, on_start)], tmp)
+    class Losses(Callback):
+        def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, *args: Any) -> None:
+            losses.append(outputs["loss"].detach())
+
+    callbacks = [bench._step_timer(clock, on_start), Losses()]
+    trainer = _trainer({"device": "cpu"}, _FP32, callbacks, tmp)
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     module.eval()
-    record.update(_rm_record(spec, clock, train, pair_accuracy(module, test, pad_id)))
+    accuracy = pair_accuracy(module, test, pad_id)
+    record.update(_rm_record(spec, clock, train, accuracy, [float(x) for x in losses]))
 
 
 def rm_scheduler(spec: dict) -> Any:
@@ -265,10 +276,19 @@ def _trl_reward(spec: dict, tmp: str, record: dict) -> None:
         peft_config=_lora("SEQ_CLS"),
         callbacks=[race_trl._trl_timer(clock, race_trl._on_start(record, CPU))],
     )
+    losses: list[Any] = []
+    compute_loss = trainer.compute_loss
+
+    def recorded_loss(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        out = compute_loss(model, inputs, *args, **kwargs)
+        losses.append((out[0] if isinstance(out, tuple) else out).detach())
+        return out
+
+    trainer.compute_loss = recorded_loss
     trainer.train()
     model = trainer.model.eval()
     accuracy = pair_accuracy(lambda ids, mask: sequence_scores(model, ids, mask), test, pad_id)
-    record.update(_rm_record(spec, clock, train, accuracy))
+    record.update(_rm_record(spec, clock, train, accuracy, [float(x) for x in losses]))
 
 
 CPU = SimpleNamespace(type="cpu")  # the device race_trl's helpers are given (they read ``.type``)
@@ -364,7 +384,12 @@ def _perlhf_model(spec: dict, root: Path, lora_lr: float) -> tuple[Any, float]:
 
     full = spec["framework"] == FULL
     lora = LoraSpec(r=RANK, alpha=ALPHA, dropout=0.0, target_modules="all-linear")
-    config = ModelConfig(name_or_path=str(root / MODEL_DIR), finetune="full" if full else "lora", lora=lora)
+    config = ModelConfig(
+        name_or_path=str(root / MODEL_DIR),
+        finetune="full" if full else "lora",
+        lora=lora,
+        disable_dropout=True,  # as TRL's ``disable_dropout=True`` (SmolLM2 has none; stand-ins may)
+    )
     return config, lora_lr * FULL_LR_FACTOR if full else lora_lr
 
 
@@ -618,7 +643,22 @@ def summary(results: list[dict]) -> dict[str, dict[str, float]]:
             ),
             "quality_delta": quality,
         }
+        if "losses" in p and "losses" in t:
+            out[job] |= loss_agreement(p["losses"], t["losses"])
     return out
+
+
+def loss_agreement(ours: list[float], theirs: list[float], early: int = 10, tol: float = 0.01) -> dict:
+    """How closely two tools' per-step training losses agree: the largest gap over the first
+    ``early`` steps, the first step (1-based) whose gap exceeds ``tol`` (``None``: none does), and
+    the steps compared."""
+    gaps = [abs(a - b) for a, b in zip(ours, theirs, strict=False)]
+    first = next((i + 1 for i, g in enumerate(gaps) if g > tol), None)
+    return {
+        "loss_gap_early": max(gaps[:early], default=float("nan")),
+        "loss_gap_first_step": first,
+        "loss_steps": len(gaps),
+    }
 
 
 def _schedule(options: dict) -> str:
@@ -730,6 +770,14 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
                 f"**{s['memory']:.2f}×** peak memory ({s['memory_over_imports']:.2f}× over imports), "
                 f"{what} {s['quality_delta']:+.3f}."
             )
+            if "loss_gap_early" in s:
+                first = s["loss_gap_first_step"]
+                lines.append(
+                    f"Training losses step by step, |perlhf − TRL|: at most {s['loss_gap_early']:.1e} over "
+                    f"the first 10 steps; "
+                    + (f"first above 0.01 at step {first}" if first else "never above 0.01")
+                    + f" of {s['loss_steps']} (the same computation; rounding differences compound)."
+                )
         if f"{job} lora/full" in ratios:
             s = ratios[f"{job} lora/full"]
             lines.append(

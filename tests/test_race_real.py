@@ -100,6 +100,11 @@ def test_race_writes_both_tools_side_by_side(
         assert rl["phases_s"]["generate"] > 0 and rl["phases_s"]["update"] > 0
         assert -1.0 <= rl["judge"]["judge_score"] <= 1.0 and 0.0 <= rl["judge"]["win_rate"] <= 1.0
     ratios = data["summary"]
+    # Same init, tokens, order, loss and optimiser: the same loss at every step, to rounding.
+    p, t = records["rm-hh", "perlhf"], records["rm-hh", "trl"]
+    assert len(p["losses"]) == len(t["losses"]) == 2
+    assert p["losses"] == pytest.approx(t["losses"], abs=1e-5)
+    assert ratios["rm-hh"]["loss_gap_early"] < 1e-5 and ratios["rm-hh"]["loss_gap_first_step"] is None
     p, t = records["grpo", "perlhf"], records["grpo", "trl"]
     assert ratios["grpo"]["speed"] == pytest.approx(p["samples_per_s"] / t["samples_per_s"])
     assert ratios["rm-hh"]["memory"] == pytest.approx(
@@ -152,3 +157,10 @@ def test_reward_model_schedule_is_transformers_curve(schedule: str) -> None:
         assert theirs == pytest.approx([2e-3, 1.7071068e-3, 1e-3, 0.2928932e-3, 0.0], abs=1e-9)
     else:
         assert ours is None and theirs == [2e-3] * 5
+
+
+def test_loss_agreement_by_hand() -> None:
+    race = _load_race()
+    got = race.loss_agreement([0.69, 0.60, 0.50, 0.40], [0.69, 0.605, 0.52, 0.30], early=2)
+    assert got == {"loss_gap_early": pytest.approx(0.005), "loss_gap_first_step": 3, "loss_steps": 4}
+    assert race.loss_agreement([0.5], [0.5])["loss_gap_first_step"] is None
