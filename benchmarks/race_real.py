@@ -775,8 +775,12 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
                 lines.append(
                     f"Training losses step by step, |perlhf − TRL|: at most {s['loss_gap_early']:.1e} over "
                     f"the first 10 steps; "
-                    + (f"first above 0.01 at step {first}" if first else "never above 0.01")
-                    + f" of {s['loss_steps']} (the same computation; rounding differences compound)."
+                    + (
+                        f"first above 0.01 at step {first} of {s['loss_steps']}"
+                        if first
+                        else f"never above 0.01 in {s['loss_steps']} steps"
+                    )
+                    + " (the same computation; rounding differences compound)."
                 )
         if f"{job} lora/full" in ratios:
             s = ratios[f"{job} lora/full"]
