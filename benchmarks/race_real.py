@@ -50,7 +50,7 @@ import race_trl  # noqa: E402
 from bench_jobs import _trainer  # noqa: E402
 
 FRAMEWORKS = ("perlhf", "trl")
-FULL = "perlhf-full"  # --full: perlhf with full fine-tuning, the paper's baseline for LoRA
+FULL = "perlhf-full"  # --frameworks perlhf-full: full fine-tuning, the paper's baseline for LoRA
 FULL_LR_FACTOR = 0.1  # full fine-tuning's lr: a tenth of LoRA's ("LoRA Without Regret", 2025)
 LABELS = {"perlhf": "perlhf", "trl": "TRL", FULL: "perlhf, full fine-tuning (lr ×0.1)"}
 JOBS = ("rm-hh", "rm-short", "rloo", "grpo")
@@ -184,9 +184,8 @@ def _reward_data(spec: dict) -> tuple[list, list, int]:
     return train, test, _tokenizer(root).pad_token_id
 
 
-def _rm_record(
-    spec: dict, clock: bench.PhaseClock, train: list, accuracy: float, losses: list[float]
-) -> dict:
+def _rm_record(spec: dict, clock: bench.PhaseClock, train: list, accuracy: float, losses: list) -> dict:
+    """The reward-model record; ``losses``: each step's training loss (0-dim tensors)."""
     steps = clock.steps[spec["warmup"] :]
     step_s = statistics.median(s["batch_s"] for s in steps)
     tokens = sum(len(c) + len(r) for c, r in train) / (len(train) / spec["rm_pairs"])
@@ -198,7 +197,7 @@ def _rm_record(
         "pairs_per_s": spec["rm_pairs"] / step_s,
         "tokens_per_step": tokens,
         "accuracy": accuracy,
-        "losses": losses,  # every step's training loss, warm-up included: the two tools' curves
+        "losses": [float(x) for x in losses],  # every step's, warm-up included: the tools' curves
     }
 
 
@@ -235,7 +234,7 @@ def _perlhf_reward(spec: dict, tmp: str, record: dict) -> None:
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     module.eval()
     accuracy = pair_accuracy(module, test, pad_id)
-    record.update(_rm_record(spec, clock, train, accuracy, [float(x) for x in losses]))
+    record.update(_rm_record(spec, clock, train, accuracy, losses))
 
 
 def rm_scheduler(spec: dict) -> Any:
@@ -288,7 +287,7 @@ def _trl_reward(spec: dict, tmp: str, record: dict) -> None:
     trainer.train()
     model = trainer.model.eval()
     accuracy = pair_accuracy(lambda ids, mask: sequence_scores(model, ids, mask), test, pad_id)
-    record.update(_rm_record(spec, clock, train, accuracy, [float(x) for x in losses]))
+    record.update(_rm_record(spec, clock, train, accuracy, losses))
 
 
 CPU = SimpleNamespace(type="cpu")  # the device race_trl's helpers are given (they read ``.type``)
@@ -620,32 +619,26 @@ def summary(results: list[dict]) -> dict[str, dict[str, float]]:
     and quality difference (accuracy or judge score, perlhf − TRL)."""
     out = {}
     for job, rows in _pairs_of(results).items():
-        rate = "pairs_per_s" if job.startswith("rm") else "samples_per_s"
         if {"perlhf", FULL} <= set(rows):  # the paper's comparison: LoRA against full fine-tuning
-            lora, full = rows["perlhf"], rows[FULL]
-            out[f"{job} lora/full"] = {
-                "speed": lora[rate] / full[rate],
-                "memory": lora["peak_mb"] / full["peak_mb"],
-                "memory_over_imports": _over(
-                    lora["peak_mb"] - lora["import_rss_mb"], full["peak_mb"] - full["import_rss_mb"]
-                ),
-                "quality_delta": _quality(job, lora) - _quality(job, full),
-            }
+            out[f"{job} lora/full"] = _ratios(job, rows["perlhf"], rows[FULL])
         if not set(FRAMEWORKS) <= set(rows):
             continue
         p, t = rows["perlhf"], rows["trl"]
-        quality = _quality(job, p) - _quality(job, t)
-        out[job] = {
-            "speed": p[rate] / t[rate],
-            "memory": p["peak_mb"] / t["peak_mb"],
-            "memory_over_imports": _over(
-                p["peak_mb"] - p["import_rss_mb"], t["peak_mb"] - t["import_rss_mb"]
-            ),
-            "quality_delta": quality,
-        }
+        out[job] = _ratios(job, p, t)
         if "losses" in p and "losses" in t:
             out[job] |= loss_agreement(p["losses"], t["losses"])
     return out
+
+
+def _ratios(job: str, a: dict, b: dict) -> dict[str, float]:
+    """Record ``a`` against ``b``: throughput and peak-memory ratios, quality difference."""
+    rate = "pairs_per_s" if job.startswith("rm") else "samples_per_s"
+    return {
+        "speed": a[rate] / b[rate],
+        "memory": a["peak_mb"] / b["peak_mb"],
+        "memory_over_imports": _over(a["peak_mb"] - a["import_rss_mb"], b["peak_mb"] - b["import_rss_mb"]),
+        "quality_delta": _quality(job, a) - _quality(job, b),
+    }
 
 
 def loss_agreement(ours: list[float], theirs: list[float], early: int = 10, tol: float = 0.01) -> dict:
@@ -763,13 +756,7 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
             lines.append("| " + " | ".join([LABELS[fw], f"{r['trainable_params']:,}", *cells, *mem]) + " |")
         if job in ratios:
             s = ratios[job]
-            what = "accuracy" if rm else "judge score"
-            lines.append("")
-            lines.append(
-                f"perlhf / TRL: **{s['speed']:.2f}×** {'pairs' if rm else 'samples'}/s, "
-                f"**{s['memory']:.2f}×** peak memory ({s['memory_over_imports']:.2f}× over imports), "
-                f"{what} {s['quality_delta']:+.3f}."
-            )
+            lines += ["", _ratio_line("perlhf / TRL", s, rm)]
             if "loss_gap_early" in s:
                 first = s["loss_gap_first_step"]
                 lines.append(
@@ -783,12 +770,7 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
                     + " (the same computation; rounding differences compound)."
                 )
         if f"{job} lora/full" in ratios:
-            s = ratios[f"{job} lora/full"]
-            lines.append(
-                f"perlhf, LoRA / full fine-tuning: **{s['speed']:.2f}×** {'pairs' if rm else 'samples'}/s, "
-                f"**{s['memory']:.2f}×** peak memory ({s['memory_over_imports']:.2f}× over imports), "
-                f"{'accuracy' if rm else 'judge score'} {s['quality_delta']:+.3f}."
-            )
+            lines.append(_ratio_line("perlhf, LoRA / full fine-tuning", ratios[f"{job} lora/full"], rm))
         if not rm:
             start = next((r["judge"]["start_judge_score"] for r in rows.values() if "judge" in r), None)
             if start is not None:
@@ -800,6 +782,14 @@ def render_markdown(meta: dict, results: list[dict]) -> str:
                 )
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _ratio_line(label: str, s: dict[str, float], rm: bool) -> str:
+    return (
+        f"{label}: **{s['speed']:.2f}×** {'pairs' if rm else 'samples'}/s, "
+        f"**{s['memory']:.2f}×** peak memory ({s['memory_over_imports']:.2f}× over imports), "
+        f"{'accuracy' if rm else 'judge score'} {s['quality_delta']:+.3f}."
+    )
 
 
 def write_outputs(out: Path, meta: dict, results: list[dict]) -> None:

@@ -45,19 +45,10 @@ from perlhf.data.loading import (
     train_val_splits,
 )
 from perlhf.data.rollout_utils import right_pad
-from perlhf.data.sampler import EpochSeededSampler, ResumableDataLoader
+from perlhf.data.sampler import ResumableDataLoader, train_sampler
 from perlhf.models import load_tokenizer
 
 Format = Literal["auto", "explicit", "implicit", "conversational", "scored", "tldr", "classifier"]
-
-
-def pair_lengths(dataset: Any) -> list[int]:
-    """Per encoded example: the longer of its chosen and rejected sequences (pairwise), else its
-    length; what ``group_by_length`` sorts by."""
-    if "chosen_input_ids" in dataset.column_names:
-        chosen, rejected = dataset["chosen_input_ids"], dataset["rejected_input_ids"]
-        return [max(len(c), len(r)) for c, r in zip(chosen, rejected, strict=True)]
-    return [len(ids) for ids in dataset["input_ids"]]
 
 
 class PreferenceDataModule(L.LightningDataModule):
@@ -185,12 +176,11 @@ class PreferenceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Order depends on (seed, epoch) only and the loader's position is checkpointed, so a run
         # resumed at any step sees the batches the uninterrupted run would have seen.
-        sampler = None
-        if "train" in self.datasets:
-            lengths = pair_lengths(self.datasets["train"]) if self.group_by_length else None
-            sampler = EpochSeededSampler(
-                self.datasets["train"], seed=self.seed, lengths=lengths, batch_size=self.batch_size
-            )
+        sampler = (
+            train_sampler(self.datasets["train"], self.seed, self.batch_size, self.group_by_length)
+            if "train" in self.datasets
+            else None
+        )
         return self._loader("train", self.batch_size, sampler=sampler, loader=ResumableDataLoader)
 
     def val_dataloader(self) -> DataLoader:

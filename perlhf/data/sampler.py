@@ -51,6 +51,22 @@ class EpochSeededSampler(Sampler[int]):
         return self.num_samples
 
 
+def train_sampler(dataset: Any, seed: int, batch_size: int, group_by_length: bool) -> EpochSeededSampler:
+    """The training sampler of perlhf's text DataModules: ``(seed, epoch)``-ordered, and with
+    ``group_by_length`` length-grouped for batches of ``batch_size`` (``example_lengths``)."""
+    lengths = example_lengths(dataset) if group_by_length else None
+    return EpochSeededSampler(dataset, seed=seed, lengths=lengths, batch_size=batch_size)
+
+
+def example_lengths(dataset: Any) -> list[int]:
+    """Per encoded example: the longer of its chosen and rejected sequences (pairwise), else the
+    length of its ``input_ids``; what ``group_by_length`` sorts by."""
+    if "chosen_input_ids" in dataset.column_names:
+        chosen, rejected = dataset["chosen_input_ids"], dataset["rejected_input_ids"]
+        return [max(len(c), len(r)) for c, r in zip(chosen, rejected, strict=True)]
+    return [len(ids) for ids in dataset["input_ids"]]
+
+
 def length_grouped(
     order: list[int], lengths: Sequence[int], batch_size: int, group_batches: int, generator: torch.Generator
 ) -> list[int]:

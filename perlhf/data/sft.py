@@ -30,7 +30,7 @@ from perlhf.data.loading import (
     train_val_splits,
 )
 from perlhf.data.rollout_utils import encode, right_pad
-from perlhf.data.sampler import EpochSeededSampler, ResumableDataLoader
+from perlhf.data.sampler import ResumableDataLoader, train_sampler
 from perlhf.models import load_tokenizer
 
 Format = Literal["auto", "prompt_completion", "conversational", "text"]
@@ -198,14 +198,11 @@ class SFTDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Order depends on (seed, epoch) only and the loader's position is checkpointed, so a run
         # resumed at any step sees the batches the uninterrupted run would have seen.
-        sampler = None
-        if "train" in self.datasets:
-            lengths = (
-                [len(ids) for ids in self.datasets["train"]["input_ids"]] if self.group_by_length else None
-            )
-            sampler = EpochSeededSampler(
-                self.datasets["train"], seed=self.seed, lengths=lengths, batch_size=self.batch_size
-            )
+        sampler = (
+            train_sampler(self.datasets["train"], self.seed, self.batch_size, self.group_by_length)
+            if "train" in self.datasets
+            else None
+        )
         return self._loader("train", self.batch_size, sampler=sampler, loader=ResumableDataLoader)
 
     def val_dataloader(self) -> DataLoader:
