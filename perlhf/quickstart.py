@@ -23,7 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from perlhf.data import synthetic
 from perlhf.paths import configs_dir
@@ -35,6 +37,9 @@ DEFAULT_ROOT = "checkpoints/quickstart"
 ALGORITHMS = ("reinforce", "ppo", "rloo", "grpo", "gold-reward")
 """RL configs (``configs/quickstart/<name>.yaml``); ``gold-reward`` is GRPO on the gold scorer itself."""
 TARGETS = {"reward_accuracy": 0.85, "gold_gain": 0.30}
+PRETRAIN_STEPS, COMPLETE_LIST_STEPS = 2000, 1600
+"""Language-modelling steps of the tiny base (~25 s), the first 1,600 on complete lists only: a
+base that conditions on what it already wrote, so that repeats are something RL can unlearn."""
 
 
 def prepare(root: str | Path = DEFAULT_ROOT, force: bool = False, seed: int = 0) -> Path:
@@ -53,7 +58,7 @@ def prepare(root: str | Path = DEFAULT_ROOT, force: bool = False, seed: int = 0)
     root = Path(root)
     model_dir = root / "tiny-gpt2"
     if force or not (model_dir / "config.json").exists():
-        save_tiny(model_dir, arch="gpt2", seed=seed)
+        save_tiny(model_dir, "gpt2", seed, PRETRAIN_STEPS, COMPLETE_LIST_STEPS)
     data = root / "data"
     files: dict[Path, Callable[[], Any]] = {
         data / "sft" / "train.jsonl": lambda: synthetic.demonstrations(4000, seed=seed + 10),
@@ -139,9 +144,11 @@ def evaluate_policies(
     models = {"base": AutoModelForCausalLM.from_pretrained(root / "tiny-gpt2").eval(), "sft": sft}
     models |= {name: AutoModelForCausalLM.from_pretrained(path).eval() for name, path in policies.items()}
     sets = {"heldout": (synthetic.prompt_pool("heldout"), 64), "train": (synthetic.prompt_pool("train"), 16)}
-    return {
-        split: {
-            name: evaluate_policy(
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for split, (prompts, k) in sets.items():
+        results[split] = {}
+        for name, model in models.items():
+            ev = evaluate_policy(
                 model,
                 tokenizer,
                 prompts,
@@ -153,11 +160,43 @@ def evaluate_policies(
                 max_new_tokens=max_new_tokens,
                 temperature=temperature,
                 seed=seed,
-            ).as_dict()
-            for name, model in models.items()
-        }
-        for split, (prompts, k) in sets.items()
-    }
+            )
+            repeats = sum(map(synthetic.repeats_a_word, ev.responses)) / len(ev.responses)
+            results[split][name] = ev.as_dict() | {"repeat_share": repeats}
+    return results
+
+
+@torch.no_grad()
+def repeat_ratio(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, said: int = 3) -> float:
+    """How likely ``model`` is to say a topic word again, relative to an average topic word, after
+    a training phrasing and ``said`` of the topic's words: ``mean P(said word) / mean P(topic
+    word)`` at the next word, over topics and phrasings. 1: it ignores what it wrote (a memoryless
+    sampler); 0: it never repeats; above 1: it copies."""
+    from perlhf.data.rollout_utils import encode
+
+    def first_token(word: str) -> int:
+        return tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]
+
+    ratios = []
+    for prompt in synthetic.prompt_pool("train"):
+        words = synthetic.TOPICS[synthetic.topic_of(prompt)]
+        for start in range(0, len(words), said):
+            context = [words[(start + i) % len(words)] for i in range(said)]
+            ids = encode(tokenizer, prompt + " " + " ".join(context))
+            probs = model(torch.tensor([ids])).logits[0, -1].softmax(-1)
+            topic = probs[[first_token(w) for w in words]].mean()
+            ratios.append((probs[[first_token(w) for w in context]].mean() / topic).item())
+    return sum(ratios) / len(ratios)
+
+
+def _policy_dirs(root: Path, rl: Path) -> dict[str, Path]:
+    return {"base": root / "tiny-gpt2", "sft": root / "sft-model" / "merged", "rl": rl}
+
+
+def _load_policy(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
 
 def reachable_ceiling(tokenizer_dir: Path, max_new_tokens: int) -> float:
@@ -205,6 +244,11 @@ def report(summary: dict[str, Any]) -> str:
         f"**Ceiling**: the best gold score a response can get within {summary['max_new_tokens']} tokens "
         f"(EOS included) is **{ceiling:.2f}**; SFT reaches {sft / ceiling:.0%} of it, RL "
         f"{rl / ceiling:.0%}, closing {closed:.0%} of the gap from SFT to the ceiling.",
+        "",
+        f"**Repeats** (gold −0.5 each): {ev['heldout']['sft']['repeat_share']:.0%} of SFT responses and "
+        f"{ev['heldout']['rl']['repeat_share']:.0%} of RL responses say a word twice. Chance of saying a "
+        "topic word again, relative to an average topic word, after three of them (1 ignores what was "
+        "written): base {base:.2f}, SFT {sft:.2f}, RL {rl:.2f}.".format(**summary["repeat_ratio"]),
     ]
     for split, title in (("heldout", "held-out phrasings"), ("train", "training phrasings")):
         rows = ev[split]
@@ -213,14 +257,16 @@ def report(summary: dict[str, Any]) -> str:
             "",
             f"Policies on {title} ({n} samples, temperature {summary['temperature']}):",
             "",
-            "| policy | gold score | reward-model score | KL to SFT (nats) | length (tokens) | EOS |",
-            "|---|---|---|---|---|---|",
+            "| policy | gold score | reward-model score | KL to SFT (nats) | length (tokens) | EOS "
+            "| repeats a word |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name in ("base", "sft", "rl"):
             r = rows[name]
             lines.append(
                 f"| {name} | {r['gold_score']:.2f} | {r['reward_model_score']:.2f} | "
-                f"{r['kl_to_reference']:.2f} | {r['response_length']:.1f} | {r['eos_fraction']:.0%} |"
+                f"{r['kl_to_reference']:.2f} | {r['response_length']:.1f} | {r['eos_fraction']:.0%} "
+                f"| {r['repeat_share']:.0%} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -263,6 +309,8 @@ def run(
     evaluation = evaluate_policies(
         root, {"rl": policy_dir}, rl_data.sampling["temperature"], rl_data.sampling["max_new_tokens"], seed
     )
+    dirs = _policy_dirs(root, policy_dir)
+    ratios = {name: repeat_ratio(*_load_policy(path)) for name, path in dirs.items()}
     seconds["eval"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - start
     summary: dict[str, Any] = {
@@ -277,6 +325,7 @@ def run(
             "pairs": len(clis["reward"].datamodule.datasets["val"]),
         },
         "eval": evaluation,
+        "repeat_ratio": ratios,
         "runs": {stage: cli.trainer.log_dir for stage, cli in clis.items()},
         "seconds": seconds,
     }

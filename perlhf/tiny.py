@@ -101,15 +101,33 @@ def tiny_config(
     raise ValueError(f"arch must be 'gpt2' or 'llama', got {arch!r}")
 
 
-def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, steps: int, seed: int = 0) -> float:
+def pretrain(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    steps: int,
+    seed: int = 0,
+    complete_list_steps: int = 0,
+) -> float:
     """Causal-LM pretraining on the built-in task's text; returns the last loss.
 
     LoRA adapts features a backbone already has. A randomly initialised backbone has none, so
     the tiny model gets a few seconds of language modelling first, as a real base model would
     have had, and LoRA then behaves as it does on real models.
+
+    The first ``complete_list_steps`` of the ``steps`` see only complete topic lists
+    (``synthetic.corpus(complete=1.0)``), where each next word is one not yet said: that teaches
+    the model to condition on what it already wrote, which it learns slowly otherwise (on mixed
+    lists alone, the probability of repeating a word said had not fallen after 3,000 steps). The
+    rest is the mixed corpus, a quarter of it still complete lists so the skill stays. AdamW at
+    3e-3, cosine-annealed to 3e-4.
     """
-    texts = list(synthetic.corpus(n=steps * 32, seed=seed + 1))
+    first = min(complete_list_steps, steps)
+    texts = [
+        *synthetic.corpus(n=first * 32, seed=seed + 2, complete=1.0),
+        *synthetic.corpus(n=(steps - first) * 32, seed=seed + 1),
+    ]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=3e-4)
     model.train()
     loss = torch.tensor(float("nan"))
     for step in range(steps):
@@ -123,12 +141,18 @@ def pretrain(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, steps: 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
     model.eval()
     return loss.item()
 
 
 def save_tiny(
-    out_dir: str | Path, arch: Arch = "gpt2", seed: int = 0, pretrain_steps: int = 200, **config_kwargs: int
+    out_dir: str | Path,
+    arch: Arch = "gpt2",
+    seed: int = 0,
+    pretrain_steps: int = 200,
+    complete_list_steps: int = 0,
+    **config_kwargs: int,
 ) -> Path:
     """Write a tiny causal LM and its tokenizer to ``out_dir`` (``from_pretrained`` layout).
 
@@ -142,7 +166,7 @@ def save_tiny(
     tokenizer = build_tiny_tokenizer()
     model = AutoModelForCausalLM.from_config(tiny_config(tokenizer, arch, **config_kwargs))
     if pretrain_steps:
-        pretrain(model, tokenizer, pretrain_steps, seed)
+        pretrain(model, tokenizer, pretrain_steps, seed, complete_list_steps)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -155,6 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--pretrain-steps", type=int, default=200, help="LM steps on task text (0: random)")
+    parser.add_argument(
+        "--complete-list-steps", type=int, default=0, help="of those, first on complete lists"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     path = save_tiny(
@@ -162,6 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         args.arch,
         args.seed,
         pretrain_steps=args.pretrain_steps,
+        complete_list_steps=args.complete_list_steps,
         hidden_size=args.hidden_size,
         num_layers=args.num_layers,
     )

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 class ReplicaProbe(L.Callback):
     """Write ``<out>/rank<r>.safetensors`` (this rank's trainable tensors at the end of fit) and
     ``<out>/rank<r>.json`` (per-step loss or mean raw reward, KL coefficient, running reward
-    statistics, world size)."""
+    statistics, world size, the last logged metrics)."""
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
@@ -45,5 +45,6 @@ class ReplicaProbe(L.Callback):
             "kl_coef": getattr(getattr(pl_module, "kl_ctl", None), "value", None),
             "moments": moments.state_dict() if moments is not None else None,
             "rollouts_drawn": getattr(trainer.datamodule, "rollouts_drawn", None),
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
         }
         (self.out / f"rank{rank}.json").write_text(json.dumps(record))

@@ -9,6 +9,7 @@ checkpoint must load into a single-process run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -111,11 +112,14 @@ def test_reward_model_ddp_keeps_replicas_identical_and_learns(layout: Path, tmp_
     assert_same_tensors(*tensors)
     # Each rank saw its own batches (DistributedSampler), so their losses differ step by step …
     assert records[0]["losses"] != records[1]["losses"]
-    # … and both fell: the first 10 steps' mean loss against the last 10's.
+    # … and the model learned: the loss on the 400 held-out pairs ends well below ln 2, an
+    # untrained head's (measured 0.613 after 40 steps), and each rank's last 10 training losses
+    # sit below its first (measured 0.698 -> 0.63).
     for record in records:
         losses = record["losses"]
         assert len(losses) == 40
-        assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 0.05, losses
+        assert record["metrics"]["val/loss"] < math.log(2) - 0.05, record["metrics"]
+        assert sum(losses[-10:]) / 10 < losses[0] - 0.03, losses
 
     # The DDP checkpoint holds only trainable tensors and restores into one process.
     last = tmp_path / "ckpt" / "last.ckpt"

@@ -66,6 +66,21 @@ def test_quickstart_runs_end_to_end_and_rl_beats_sft_on_gold(tmp_path: Path) -> 
     assert 0.1 < heldout["rl"]["kl_to_reference"] < 10
     assert heldout["rl"]["reward_model_score"] > heldout["sft"]["reward_model_score"]
 
+    # The task discriminates repeats (before the base learned lists, RL reached 36% of the ceiling
+    # and 72% of its responses repeated a word): the base conditions on what it wrote (measured
+    # 0.53; 1 ignores it), the reward model ranks a loop well below distinct words (measured 1.5
+    # vs 4.4), and RL gets past a memoryless sampler's reach (measured 57% of the ceiling).
+    from perlhf.data.rollout_utils import load_reward_model, reward_scores
+
+    assert summary["repeat_ratio"]["base"] < 0.8
+    assert heldout["rl"]["gold_score"] > 0.45 * summary["ceiling"]
+    reward_model, reward_tokenizer = load_reward_model(str(root / "reward-model" / "adapter"), None)
+    prompt = "List a few animals:"  # a held-out phrasing
+    loop, distinct = reward_scores(
+        reward_model, reward_tokenizer, [prompt + " cat cat cat cat", prompt + " cat dog horse mouse"]
+    )
+    assert distinct > loop + 1.0
+
     # TensorBoard has the gold score beside the reward-model score, and sample tables.
     logged = scalars(summary["runs"]["rl"], "train/gold_score", "val/gold_score", "train/kl", "val/reward")
     assert set(logged) == {"train/gold_score", "val/gold_score", "train/kl", "val/reward"}
@@ -81,3 +96,40 @@ def test_ceiling_by_hand() -> None:
     # One token per letter: red (3) + blue (4) + pink (4) = 11 fit in 12; green (5) does not.
     assert synthetic.ceiling(prompt, 12, lambda w: len(w.strip())) == 3.0
     assert synthetic.ceiling(prompt, 2, lambda w: len(w.strip())) == 0.0
+
+
+def test_repeats_a_word_by_hand() -> None:
+    from perlhf.data import synthetic
+
+    assert not synthetic.repeats_a_word(" red blue green")
+    assert synthetic.repeats_a_word(" red blue Red.")  # case and full stops as gold_score reads them
+    assert synthetic.repeats_a_word(" red, red")
+    # Only the first MAX_WORDS (8) words count, as in the gold score.
+    assert not synthetic.repeats_a_word(" a b c d e f g h a")
+    assert synthetic.gold_score("Name some colours:", " red blue Red.") == 1.5
+
+
+def test_pretraining_lists_never_repeat_and_preference_data_does() -> None:
+    """The base model's text teaches that lists do not repeat; the raters' data shows repeats and
+    loops, so a reward model can learn to rank them low."""
+    from perlhf.data import synthetic
+
+    texts = list(synthetic.corpus(400, seed=0))
+    complete = [t for t in texts if t.startswith("All the ")]
+    assert 60 < len(complete) < 140  # a quarter
+    for text in complete:
+        topic = text.split(":")[0].removeprefix("All the ")
+        assert sorted(text.split(":")[1].split()) == sorted(synthetic.TOPICS[topic])
+    prompts = synthetic.prompt_pool("all")
+    lists = [t[len(p) :] for t in texts for p in prompts if t.startswith(p)]
+    lists = [r for r in lists if set(r.split()) <= set(synthetic.VOCABULARY)]  # gibberish left out
+    assert len(lists) > 200 and not any(map(synthetic.repeats_a_word, lists))
+    assert all(t.startswith("All the ") for t in synthetic.corpus(50, seed=1, complete=1.0))
+
+    rows = list(synthetic.preference_pairs(2000, seed=0))
+    responses = [r[k] for r in rows for k in ("chosen", "rejected")]
+    share = sum(map(synthetic.repeats_a_word, responses)) / len(responses)
+    loops = [r for r in responses if len(r.split()) >= 3 and len(set(r.split())) == 1]
+    assert 0.1 < share < 0.4 and len(loops) > 50
+    # Without label noise a loop loses to a distinct list of the same length on the topic.
+    assert synthetic.gold_score("Name some animals:", " cat cat cat cat") == -0.5

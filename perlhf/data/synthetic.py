@@ -93,11 +93,16 @@ def junk_word(rng: random.Random) -> str:
     return "".join(chr(rng.randint(*rng.choice(pools))) for _ in range(rng.randint(1, 6)))
 
 
-def random_response(rng: random.Random, topic: str, junk: float = 0.1) -> str:
-    """A response of 1–8 words mixing on-topic, off-topic and repeated words; with probability
-    ``junk``, 1–6 words of gibberish instead (a degenerate generation, which raters rank low)."""
+def random_response(rng: random.Random, topic: str, junk: float = 0.1, loop: float = 0.1) -> str:
+    """A response of 1–8 words mixing on-topic, off-topic and repeated words. Degenerate
+    generations, which raters rank low, come in two kinds: with probability ``junk``, 1–6 words
+    of gibberish; with probability ``loop``, one or two words said over and over (2–8 words)."""
     if rng.random() < junk:
         return " " + " ".join(junk_word(rng) for _ in range(rng.randint(1, 6)))
+    if rng.random() < loop:
+        size = rng.randint(1, 2)
+        cycle = [rng.choice(TOPICS[topic] if rng.random() < 0.7 else VOCABULARY) for _ in range(size)]
+        return " " + " ".join(cycle[i % len(cycle)] for i in range(rng.randint(2, MAX_WORDS)))
     n = rng.randint(1, 8)
     p_on = rng.random()
     words: list[str] = []
@@ -187,14 +192,53 @@ def prompts(n: int, seed: int = 0, split: Split = "train") -> Iterator[dict]:
         yield {"prompt": rng.choice(pool)}
 
 
-def corpus(n: int = 2000, seed: int = 0) -> Iterator[str]:
-    """The "pretraining" text (every phrasing, responses of random quality) for the tiny tokenizer
-    and base model."""
+def word_list(rng: random.Random, topic: str, junk: float = 0.1) -> str:
+    """A list as pretraining text has them: like ``random_response`` (1–8 words, a random share on
+    topic, or gibberish with probability ``junk``) but never repeating a word, as lists in real
+    text rarely do."""
+    if rng.random() < junk:
+        return " " + " ".join(junk_word(rng) for _ in range(rng.randint(1, 6)))
+    n = rng.randint(1, MAX_WORDS)
+    p_on = rng.random()
+    words: list[str] = []
+    while len(words) < n:
+        word = rng.choice(TOPICS[topic]) if rng.random() < p_on else rng.choice(VOCABULARY)
+        if word not in words:
+            words.append(word)
+    return " " + " ".join(words)
+
+
+COMPLETE_LIST_PROMPT = "All the {topic}:"
+"""Pretraining text's heading of a complete list (not a task phrasing: the task never asks it)."""
+
+
+def corpus(n: int = 2000, seed: int = 0, complete: float = 0.25) -> Iterator[str]:
+    """The "pretraining" text for the tiny tokenizer and base model.
+
+    A share ``complete`` of the texts is a complete list, ``"All the colours:"`` and every word
+    of the topic once in random order, where each next word is one not yet said; the rest are the
+    task's phrasings followed by a ``word_list``. A tiny model learns to condition on what it
+    already wrote from complete lists; from mixed lists alone it does not, within thousands of
+    steps.
+    """
     rng = random.Random(seed)
     pool = prompt_pool("all")
     for _ in range(n):
-        prompt = rng.choice(pool)
-        yield prompt + random_response(rng, topic_of(prompt))
+        if rng.random() < complete:
+            topic = rng.choice(list(TOPICS))
+            words = list(TOPICS[topic])
+            rng.shuffle(words)
+            yield COMPLETE_LIST_PROMPT.format(topic=topic) + " " + " ".join(words)
+        else:
+            prompt = rng.choice(pool)
+            yield prompt + word_list(rng, topic_of(prompt))
+
+
+def repeats_a_word(response: str) -> bool:
+    """Whether a response says one of its first ``MAX_WORDS`` words twice (what the gold score
+    penalises as a repeat)."""
+    words = [w.strip(".").lower() for w in response.replace(",", " ").split()[:MAX_WORDS]]
+    return len(words) != len(set(words))
 
 
 def write_jsonl(rows: Iterator[dict], path: str | Path) -> Path:
