@@ -157,11 +157,44 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def coverage(runs: list[dict[str, Any]]) -> str:
+    """A sentence naming the (stage, setting) pairs whose learning-rate grid is only partly run,
+    so a "best LR" over fewer runs is not read as the grid's best; empty when every grid is whole."""
+    ran: dict[tuple[str, str], set[float]] = {}
+    for r in runs:
+        ran.setdefault((r["stage"], r["setting"]), set()).add(r["lr"])
+    partial = []
+    for (stage, setting), lrs in ran.items():
+        grid = LR_GRID[stage]["full" if setting == "full" else "lora"]
+        if set(grid) - lrs:
+            partial.append(f"{stage} {setting} (lr {', '.join(f'{lr:g}' for lr in sorted(lrs))} of the grid)")
+    return f"**Partial grids**: {'; '.join(partial)}.\n\n" if partial else ""
+
+
+def all_runs(runs: list[dict[str, Any]]) -> str:
+    """Every run, in the order run."""
+    lines = [
+        "| stage | setting | lr | held-out accuracy or VADER score | CPU s/step | wall s/step "
+        "| peak RSS (MiB) |",
+        "|---" * 7 + "|",
+    ]
+    for r in runs:
+        score = f"{r['accuracy']:.3f}" if "accuracy" in r else f"{r['judge_score']:+.3f}"
+        lines.append(
+            f"| {r['stage']} | {r['setting']} | {r['lr']:g} | {score} | {r['cpu_seconds_per_step']:.1f} "
+            f"| {r['seconds_per_step']:.1f} | {r['peak_rss_mib']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     parser.add_argument("--stages", nargs="+", choices=("reward", "rl"), default=["reward", "rl"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", help="run only these learning rates of each grid (a quicker look)"
+    )
     parser.add_argument("--root", default="checkpoints/real")
     parser.add_argument("--out", default="benchmarks/results/cpu/parity-real/parity")
     parser.add_argument("--child", nargs=3, metavar=("STAGE", "SETTING", "LR"), help=argparse.SUPPRESS)
@@ -182,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     for stage in args.stages:
         for setting in args.settings:
             for lr in LR_GRID[stage]["full" if setting == "full" else "lora"]:
-                if (stage, setting, lr, args.seed) in done:
+                if (stage, setting, lr, args.seed) in done or (args.lrs and lr not in args.lrs):
                     continue
                 cmd = [
                     sys.executable,
@@ -209,8 +242,9 @@ def main(argv: list[str] | None = None) -> None:
         "held-out prompts. CPU s/step: the process's CPU time (all threads) per optimiser step; wall "
         "times are in the JSON.\n\n"
     )
-    out.with_suffix(".md").write_text(header + table(runs) + "\n")
-    print(header + table(runs))
+    text = header + coverage(runs) + table(runs) + "\n\nAll runs:\n\n" + all_runs(runs) + "\n"
+    out.with_suffix(".md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

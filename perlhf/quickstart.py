@@ -1,6 +1,6 @@
 """The whole PE-RLHF pipeline, offline, in one command: SFT → reward model → RL → report.
 
-    perlhf quickstart                      # (or python -m perlhf.quickstart) ~80 s on 2 CPU cores
+    perlhf quickstart                      # (or python -m perlhf.quickstart) ~100 s on 2 CPU cores
     perlhf quickstart --algorithm ppo      # or rloo, grpo, gold-reward
     perlhf quickstart --prepare-only       # just the tiny model, the task's data and the configs
 

@@ -6,6 +6,8 @@ distinct on-topic words and penalises off-topic and repeated ones, so it depends
 and response — a reward model must read the prompt to learn it. Preference labels come from the
 gold score through Bradley–Terry noise, as human labels do; SFT demonstrations are good but
 imperfect, as human demonstrations are. One phrasing per topic is held out of all training.
+The pretraining text's lists never repeat a word, so a base model learns to condition on what it
+already wrote; the preference data does contain repeats and loops, as generations do.
 
 The task is small enough that a model of a few hundred thousand parameters learns it on a CPU in
 a minute, which makes it the offline quickstart and the test bed for every module.

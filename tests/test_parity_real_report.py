@@ -1,0 +1,42 @@
+"""The real-model parity report says which learning-rate grids are only partly run."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "parity_real.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("perlhf_parity_real", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(stage: str, setting: str, lr: float, score: float) -> dict:
+    record = {"stage": stage, "setting": setting, "lr": lr, "trainable": 10, "seed": 0}
+    record |= {"cpu_seconds_per_step": 5.0, "seconds_per_step": 2.5, "peak_rss_mib": 3000.0}
+    if stage == "reward":
+        return record | {"accuracy": score}
+    return record | {"judge_score": score, "win_rate": 0.5, "kl_to_start": 1.0}
+
+
+def test_partial_grids_are_named_and_every_run_is_listed() -> None:
+    parity = _load()
+    whole = [_run("reward", "full", lr, 0.6) for lr in parity.LR_GRID["reward"]["full"]]
+    assert parity.coverage(whole) == ""
+    runs = [*whole, _run("reward", "lora-attn-r1", 2e-3, 0.71), _run("rl", "lora-attn-r8", 2e-4, 0.5)]
+    assert parity.coverage(runs) == (
+        "**Partial grids**: reward lora-attn-r1 (lr 0.002 of the grid); "
+        "rl lora-attn-r8 (lr 0.0002 of the grid).\n\n"
+    )
+    rows = parity.all_runs(runs).splitlines()[2:]
+    assert len(rows) == 5
+    assert rows[3] == "| reward | lora-attn-r1 | 0.002 | 0.710 | 5.0 | 2.5 | 3,000 |"
+    assert rows[4].startswith("| rl | lora-attn-r8 | 0.0002 | +0.500 |")
+    # The summary keeps the best learning rate of what ran.
+    assert "| lora-attn-r1 | 10 | 0.002 | 0.710 |" in parity.table(runs)
