@@ -45,7 +45,8 @@ base that conditions on what it already wrote, so that repeats are something RL 
 def prepare(root: str | Path = DEFAULT_ROOT, force: bool = False, seed: int = 0) -> Path:
     """Write the tiny base model and the task's data under ``root`` (each skipped if present):
 
-    - ``tiny-gpt2/``: tokenizer + GPT-2-shaped model, pretrained for a few seconds on task text;
+    - ``tiny-gpt2/``: tokenizer + GPT-2-shaped model, pretrained for ~25 s on task text
+      (``PRETRAIN_STEPS``, complete lists first);
     - ``data/sft/{train,test}.jsonl``: demonstrations (prompt, completion);
     - ``data/preference/{train,val}.jsonl``: pairs labelled by the gold scorer through
       Bradley–Terry noise (train) and without noise (val, for held-out accuracy);
