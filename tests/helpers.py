@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
+import sys
 from pathlib import Path
 
 import lightning.pytorch as L
+
+
+def load_script(path: Path, name: str):
+    """Import a script outside the package (a benchmark) as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def quiet_trainer(root: Path, **kwargs) -> L.Trainer:

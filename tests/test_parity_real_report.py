@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
+
+from helpers import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "parity_real.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("perlhf_parity_real", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "perlhf_parity_real")
 
 
 def _run(stage: str, setting: str, lr: float, score: float) -> dict:

@@ -4,13 +4,12 @@ pairs and GRPO, one measured step each, then the report."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 pytest.importorskip("trl")
 pytest.importorskip("vaderSentiment")
@@ -20,11 +19,7 @@ TOPICS = ["rivers", "cats", "trains", "tea", "maps", "rain"]
 
 
 def _load_race():
-    spec = importlib.util.spec_from_file_location("perlhf_race_real", RACE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RACE, "perlhf_race_real")
 
 
 def _turn(role: str, text: str) -> list[dict[str, str]]:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 pytest.importorskip("trl")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -15,11 +14,7 @@ RACE = Path(__file__).resolve().parents[1] / "benchmarks" / "race_trl.py"
 
 
 def _load_race():
-    spec = importlib.util.spec_from_file_location("perlhf_race_trl", RACE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RACE, "perlhf_race_trl")
 
 
 def test_race_writes_side_by_side_tables(tmp_path: Path) -> None:
