@@ -5,8 +5,10 @@
 
 SmolLM2-135M-Instruct with LoRA r8, one optimiser step (forward, backward, AdamW) on 8 pairs of
 the real-model task (chat prompts with the model's own answers, as the pipeline trains on), for:
-the plain path; ``share_prefix`` (each pair's prompt computed once); LoRA on the top half of the
-blocks only (``lora.layers``); and both. Every variant sees the same batches, in one process,
+the plain path; ``share_prefix`` (each pair's prompt computed once); ``share_prefix`` on batches
+from ``group_by_prompt`` (a prompt's pairs together, so each prompt and each of its 4 answers is
+computed once for up to 6 pairs); LoRA on the top half of the blocks only (``lora.layers``); and
+``share_prefix`` with it. Every variant sees the same batches, in one process,
 after warm-up steps; the median over the timed steps is reported with the tokens the forward pass
 computed. Take it on an otherwise idle machine.
 
@@ -34,10 +36,11 @@ from perlhf.modules import RewardModule
 from perlhf.packing import pack_pairs
 
 VARIANTS = {
-    "plain": {"share_prefix": False, "layers": None},
-    "share_prefix": {"share_prefix": True, "layers": None},
-    "top-half LoRA": {"share_prefix": False, "layers": 15},
-    "share_prefix + top-half LoRA": {"share_prefix": True, "layers": 15},
+    "plain": {"share_prefix": False, "layers": None, "grouped": False},
+    "share_prefix": {"share_prefix": True, "layers": None, "grouped": False},
+    "share_prefix + group_by_prompt": {"share_prefix": True, "layers": None, "grouped": True},
+    "top-half LoRA": {"share_prefix": False, "layers": 15, "grouped": False},
+    "share_prefix + top-half LoRA": {"share_prefix": True, "layers": 15, "grouped": False},
 }
 
 
@@ -193,28 +196,34 @@ def main() -> None:
         main_rl(args)
         return
     root = Path(args.root)
-    data = PreferenceDataModule(
-        path="json",
-        data_files={"train": str(root / "data/preference/train.jsonl")},
-        val_fraction=0.05,
-        format="conversational",
-        tokenizer=str(root / "smollm2-135m-instruct"),
-        max_length=128,
-        batch_size=8,
-    )
-    data.setup("fit")
-    loader = iter(data.train_dataloader())
-    batches = [next(loader) for _ in range(args.steps + args.warmup)]
-    pad = data.tokenizer.pad_token_id
-    unshared = sum(int(b["attention_mask"].sum()) for b in batches[args.warmup :])
-    packed = sum(pack_pairs(b["input_ids"], b["attention_mask"], pad).tokens for b in batches[args.warmup :])
+    batches, tokens = {}, {}
+    for grouped in (False, True):
+        data = PreferenceDataModule(
+            path="json",
+            data_files={"train": str(root / "data/preference/train.jsonl")},
+            val_fraction=0.05,
+            format="conversational",
+            tokenizer=str(root / "smollm2-135m-instruct"),
+            max_length=128,
+            batch_size=8,
+            group_by_prompt=grouped,
+        )
+        data.setup("fit")
+        loader = iter(data.train_dataloader())
+        batches[grouped] = [next(loader) for _ in range(args.steps + args.warmup)]
+        timed = batches[grouped][args.warmup :]
+        pad = data.tokenizer.pad_token_id
+        tokens[grouped, False] = sum(int(b["attention_mask"].sum()) for b in timed)
+        tokens[grouped, True] = sum(
+            pack_pairs(b["input_ids"], b["attention_mask"], pad, b["prompt_lengths"]).tokens for b in timed
+        )
     rows = {}
     for name, variant in VARIANTS.items():
-        times = step_times(root, variant, batches, args.warmup)
+        times = step_times(root, variant, batches[variant["grouped"]], args.warmup)
         rows[name] = {
             "median_step_s": statistics.median(times),
             "steps_s": times,
-            "tokens_per_step": (packed if variant["share_prefix"] else unshared) / args.steps,
+            "tokens_per_step": tokens[variant["grouped"], variant["share_prefix"]] / args.steps,
         }
         print(name, f"{rows[name]['median_step_s']:.2f} s", flush=True)
     base = rows["plain"]["median_step_s"]

@@ -1,14 +1,16 @@
-"""Prompt sharing: one packed sequence per preference pair, and per rollout prompt.
+"""Prompt sharing: one packed sequence per preference prompt, and per rollout prompt.
 
 A chosen and a rejected response to the same prompt share the prompt's tokens (often most of
 them). ``pack_pairs`` writes each pair as one row ``prefix | chosen tail | rejected tail``, where
 ``prefix`` is the longest common token prefix of the two sequences, with
 
-- position ids that restart for the rejected tail at the prefix length, and
+- position ids that restart for each tail at the prefix length, and
 - an attention mask in which each tail sees the prefix and itself (causally) but not the other
-  tail, so every token attends to exactly what it attends to in its own unshared sequence.
+  tails, so every token attends to exactly what it attends to in its own unshared sequence.
 
-The two rewards read at the tails' last tokens then equal the unshared path's (up to float
+Pairs drawn from several answers to one prompt (InstructGPT's K answers make K(K-1)/2 pairs)
+share a row, ``prefix | tail_1 | … | tail_K``, in which each distinct answer is computed once.
+The rewards read at the tails' last tokens then equal the unshared path's (up to float
 rounding), and so do the loss and its gradients, while the prefix is computed once: fewer FLOPs
 and fewer stored activations. Attention runs through a
 backbone that accepts 4D masks (``sdpa`` or ``eager``; not ``flash_attention_2``). Input rows
@@ -21,26 +23,31 @@ no-grad and update passes compute each prompt once, and responses carry no paddi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-PREFIX, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
-"""Segment ids of a packed row."""
+PREFIX, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
+"""Segment ids of a packed row: the shared prefix, then its tails (a single pair's chosen and
+rejected tails are 1 and 2; a group's ``j``-th distinct sequence is ``j + 1``), then padding."""
 
 
 @dataclass
 class PackedPairs:
-    """``B`` preference pairs packed into ``B`` rows of length ``L``."""
+    """``B`` preference pairs packed into ``G <= B`` rows of length ``L``: one row per prompt,
+    ``prefix | tail_1 | … | tail_k | padding``, each distinct sequence's tail once."""
 
     input_ids: torch.Tensor
-    """``(B, L)`` token ids: prefix, chosen tail, rejected tail, right padding."""
+    """``(G, L)`` token ids: prefix, distinct sequences' tails, right padding."""
     position_ids: torch.Tensor
-    """``(B, L)`` positions each token has in its unshared sequence (0 on padding)."""
+    """``(G, L)`` positions each token has in its unshared sequence (0 on padding)."""
     segments: torch.Tensor
-    """``(B, L)`` ``PREFIX``/``CHOSEN``/``REJECTED``/``PAD`` per token."""
+    """``(G, L)`` ``PREFIX``, tail ``j + 1``, or ``PAD`` per token."""
+    rows: torch.Tensor
+    """``(2B,)`` packed row of each input row (chosen rows, then rejected rows)."""
     ends: torch.Tensor
-    """``(B, 2)`` column of the chosen and of the rejected sequence's last token."""
+    """``(2B,)`` column of each input row's last token in its packed row (its reward is read there)."""
     unshared_tokens: int
     """Real tokens of the unshared pairs (chosen + rejected lengths)."""
 
@@ -50,7 +57,7 @@ class PackedPairs:
         return int((self.segments != PAD).sum())
 
     def attention_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``(B, 1, L, L)``: bool (True = attend) when ``dtype`` is None, else additive
+        """``(G, 1, L, L)``: bool (True = attend) when ``dtype`` is None, else additive
         (0 or the dtype's minimum) for eager attention (``segment_attention_mask``)."""
         return segment_attention_mask(self.segments, PAD, dtype)
 
@@ -79,7 +86,7 @@ def right_pad_rows(values: list[list[int]], fill: int) -> torch.Tensor:
     return torch.tensor([v + [fill] * (width - len(v)) for v in values], dtype=torch.long)
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token lists."""
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -89,38 +96,72 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def pack_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int) -> PackedPairs:
+def pack_pairs(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pad_token_id: int,
+    prompt_lengths: torch.Tensor | None = None,
+) -> PackedPairs:
     """Pack a pairwise batch (``(2B, L)``, rows ``[:B]`` chosen and ``[B:]`` rejected, padded on
-    either side)
-    into ``B`` rows that compute each pair's common prefix once.
+    either side) into rows that compute each prompt, and each distinct sequence, once.
 
-    The shared prefix stops one token short of the shorter sequence's end, so each tail keeps at
-    least its last token, where its reward is read.
+    Pairs go in one row when they share a sequence (the 4 answers to a prompt make 6 pairs out of
+    4 sequences) or, given ``prompt_lengths`` ``(B,)`` (each pair's prompt tokens), the same
+    prompt; other pairs get a row each. A row's prefix is the common token prefix of its
+    sequences, stopped one token short of the shortest, so each tail keeps at least its last
+    token, where its reward is read.
     """
     if input_ids.shape[0] % 2:
         raise ValueError(f"pack_pairs: a pairwise batch has an even number of rows, got {input_ids.shape[0]}")
     n_pairs = input_ids.shape[0] // 2
-    rows, positions, segments, ends = [], [], [], []
+    sequences = [tuple(input_ids[i][attention_mask[i].bool()].tolist()) for i in range(2 * n_pairs)]
+    distinct: dict[tuple[int, ...], int] = {}  # sequence -> its index among the distinct ones
+    node = [distinct.setdefault(seq, len(distinct)) for seq in sequences]
+    parent = list(range(len(distinct)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    prompts: dict[tuple[int, ...], int] = {}
     for i in range(n_pairs):
-        chosen = input_ids[i][attention_mask[i].bool()].tolist()  # real tokens, either padding side
-        rejected = input_ids[n_pairs + i][attention_mask[n_pairs + i].bool()].tolist()
-        p = min(common_prefix(chosen, rejected), len(chosen) - 1, len(rejected) - 1)
-        rows.append(chosen + rejected[p:])
-        positions.append(list(range(len(chosen))) + list(range(p, len(rejected))))
-        segments.append([PREFIX] * p + [CHOSEN] * (len(chosen) - p) + [REJECTED] * (len(rejected) - p))
-        ends.append([len(chosen) - 1, len(rows[-1]) - 1])
+        links = [node[n_pairs + i]]
+        if prompt_lengths is not None:
+            prompt = sequences[i][: int(prompt_lengths[i])]
+            links.append(node[prompts.setdefault(prompt, i)])
+        for other in links:
+            parent[find(other)] = find(node[i])
+    members: dict[int, list[tuple[int, ...]]] = {}
+    for seq, index in distinct.items():
+        members.setdefault(find(index), []).append(seq)
+    rows, positions, segments, where = [], [], [], {}
+    for group in members.values():
+        p = min(min(len(seq) for seq in group) - 1, *(common_prefix(group[0], seq) for seq in group))
+        row, pos, seg = list(group[0][:p]), list(range(p)), [PREFIX] * p
+        for j, seq in enumerate(group):
+            row += seq[p:]
+            pos += range(p, len(seq))
+            seg += [j + 1] * (len(seq) - p)
+            where[seq] = (len(rows), len(row) - 1)
+        rows.append(row)
+        positions.append(pos)
+        segments.append(seg)
     device = input_ids.device
+    located = torch.tensor([where[seq] for seq in sequences], dtype=torch.long, device=device)
     return PackedPairs(
         input_ids=right_pad_rows(rows, pad_token_id).to(device),
         position_ids=right_pad_rows(positions, 0).to(device),
         segments=right_pad_rows(segments, PAD).to(device),
-        ends=torch.tensor(ends, dtype=torch.long, device=device),
+        rows=located[:, 0],
+        ends=located[:, 1],
         unshared_tokens=int(attention_mask.sum()),
     )
 
 
 # ------------------------------------------------------------------------- rollout groups
-GROUP_PAD = -1
+GROUP_PAD = PAD
 """Segment id of padding in packed rollout groups (0: the prompt, ``j + 1``: its ``j``-th response)."""
 
 

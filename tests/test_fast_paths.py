@@ -28,7 +28,8 @@ def test_pack_pairs_by_hand() -> None:
     assert packed.position_ids.tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 2, 0]]
     P, C, R = PREFIX, CHOSEN, REJECTED
     assert packed.segments.tolist() == [[P, P, C, C, R], [P, C, R, R, PAD]]
-    assert packed.ends.tolist() == [[3, 4], [1, 3]]
+    assert packed.rows.tolist() == [0, 1, 0, 1]  # chosen rows, then rejected rows
+    assert packed.ends.tolist() == [3, 1, 4, 3]
     assert (packed.tokens, packed.unshared_tokens) == (9, 12)
     allowed = packed.attention_mask()[:, 0]
     assert allowed[0].long().tolist() == [
@@ -41,6 +42,32 @@ def test_pack_pairs_by_hand() -> None:
     assert allowed[1, 3].long().tolist() == [1, 0, 1, 1, 0]
     additive = packed.attention_mask(torch.float32)[0, 0]
     assert additive[4, 2] == torch.finfo(torch.float32).min and additive[4, 1] == 0
+
+
+def test_pack_pairs_computes_each_answer_of_a_prompt_once() -> None:
+    # Three answers A, B, C to the prompt [1, 2] make three pairs: (A, B), (A, C), (C, B).
+    a, b, c = [1, 2, 3], [1, 2, 4, 5], [1, 2, 6]
+    rows = [a, a, c, b, c, b]  # chosen rows, then rejected rows
+    ids = torch.tensor([r + [0] * (4 - len(r)) for r in rows])
+    mask = (ids != 0).long()
+    packed = pack_pairs(ids, mask, pad_token_id=0)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 6, 4, 5]]  # prefix, then A, C, B once each
+    assert packed.position_ids.tolist() == [[0, 1, 2, 2, 2, 3]]
+    assert packed.segments.tolist() == [[PREFIX, PREFIX, 1, 2, 3, 3]]
+    assert packed.rows.tolist() == [0] * 6
+    assert packed.ends.tolist() == [2, 2, 3, 5, 3, 5]
+    assert (packed.tokens, packed.unshared_tokens) == (6, 20)
+    allowed = packed.attention_mask()[0, 0]
+    assert allowed[5].long().tolist() == [1, 1, 0, 0, 1, 1]  # B's last token: prefix and B only
+
+    # (A, C) and (B, D) share no answer: one row each, unless the prompt lengths say they share it.
+    d = [1, 2, 7]
+    ids = torch.tensor([a, b[:3], c, d])
+    mask = torch.ones_like(ids)
+    assert pack_pairs(ids, mask, 0).input_ids.shape[0] == 2
+    joined = pack_pairs(ids, mask, 0, prompt_lengths=torch.tensor([2, 2]))
+    assert joined.input_ids.tolist() == [[1, 2, 3, 4, 6, 7]]  # A, B[:3], C, D in order of appearance
+    assert joined.ends.tolist() == [2, 3, 4, 5]
 
 
 def test_pack_pairs_reads_either_padding_side() -> None:
@@ -77,9 +104,12 @@ def _reward_modules(model_dir: Path, attn: str) -> tuple[RewardModule, RewardMod
     return modules[0], modules[1]
 
 
-@pytest.mark.parametrize("arch,attn", [("gpt2", "sdpa"), ("llama", "sdpa"), ("llama", "eager")])
+@pytest.mark.parametrize(
+    "arch,attn,grouped",
+    [("gpt2", "sdpa", False), ("llama", "sdpa", False), ("llama", "eager", False), ("llama", "sdpa", True)],
+)
 def test_shared_prefix_equals_unshared(
-    arch: str, attn: str, tiny_model_dir: Path, tiny_llama: Path, preference_dir: Path
+    arch: str, attn: str, grouped: bool, tiny_model_dir: Path, tiny_llama: Path, preference_dir: Path
 ) -> None:
     model_dir = tiny_model_dir if arch == "gpt2" else tiny_llama
     files = {"train": str(preference_dir / "train.jsonl"), "test": str(preference_dir / "val.jsonl")}
@@ -89,8 +119,9 @@ def test_shared_prefix_equals_unshared(
         tokenizer=str(model_dir),
         max_length=64,
         batch_size=8,
-        max_train_samples=16,
+        max_train_samples=64 if grouped else 16,
         max_val_samples=8,
+        group_by_prompt=grouped,
     )
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
@@ -110,8 +141,13 @@ def test_shared_prefix_equals_unshared(
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=1e-5, rtol=1e-4, msg=name)
     assert not torch.allclose(c0, r0)  # the two halves really are different sequences
-    packed = pack_pairs(batch["input_ids"], batch["attention_mask"], data.tokenizer.pad_token_id)
+    pad = data.tokenizer.pad_token_id
+    packed = pack_pairs(batch["input_ids"], batch["attention_mask"], pad, batch["prompt_lengths"])
     assert packed.tokens < 0.9 * packed.unshared_tokens  # the prompts were computed once
+    # Pairs of one prompt share a row; grouped batches hold the pairs of one or two prompts.
+    rows = zip(batch["input_ids"], batch["attention_mask"], batch["prompt_lengths"], strict=False)
+    prompts = {tuple(row[m.bool()][:n].tolist()) for row, m, n in rows}  # the chosen rows' prompts
+    assert packed.input_ids.shape[0] == len(prompts) and (len(prompts) <= 2 or not grouped)
 
 
 def test_share_prefix_refuses_flash_attention(tiny_llama: Path) -> None:

@@ -1,5 +1,6 @@
-"""``group_by_length``: batches of similar length (less padding), every example still seen once
-per epoch, the order still a function of ``(seed, epoch)``."""
+"""``group_by_length``: batches of similar length (less padding); ``group_by_prompt``: each
+prompt's pairs together. Every example still seen once per epoch, the order still a function of
+``(seed, epoch)``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from test_preference_data import make_dm, write_jsonl
 
 from perlhf.data import SFTDataModule
-from perlhf.data.sampler import EpochSeededSampler, length_grouped
+from perlhf.data.sampler import EpochSeededSampler, length_grouped, prompt_grouped
 from perlhf.tiny import build_tiny_tokenizer
 
 LENGTHS = [5, 1, 9, 3, 7, 2, 8, 4]
@@ -104,3 +105,48 @@ def test_preference_group_by_length_uses_the_longer_answer(tmp_path: Path, tok_d
         pads[grouped] = _padding(dm.train_dataloader())
     assert pads[True][1] == pads[False][1] and sorted(pads[True][2]) == sorted(pads[False][2])
     assert pads[True][0] < 0.5 * pads[False][0], (pads[True][0], pads[False][0])
+
+
+def test_prompt_grouped_by_hand() -> None:
+    # Groups in the order of their first index in the shuffled order, members in theirs.
+    assert prompt_grouped([3, 0, 2, 1, 4], [0, 1, 0, 1, 2]) == [3, 1, 0, 2, 4]
+    sampler = EpochSeededSampler(range(6), seed=1, groups=[0, 0, 1, 1, 2, 2])
+    sampler.set_epoch(4)
+    order = list(sampler)
+    assert sorted(order) == list(range(6)) and order == list(sampler)
+    assert all(order[i] // 2 == order[i + 1] // 2 for i in (0, 2, 4))
+    with pytest.raises(ValueError, match="by length or by group, not both"):
+        EpochSeededSampler(range(6), lengths=[1] * 6, groups=[0] * 6)
+
+
+def test_preference_group_by_prompt_keeps_a_prompts_pairs_together(tmp_path: Path, tok_dir: str) -> None:
+    # 12 prompts x 4 answers -> 6 pairs each (the InstructGPT layout), rows in shuffled order.
+    rng = random.Random(2)
+    words = ["red", "blue", "green", "cat", "dog", "tea"]
+    rows = []
+    for p in range(12):
+        answers = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 6))) + f" {k}" for k in range(4)]
+        rows += [
+            {"prompt": f"Question {p}:", "chosen": answers[i], "rejected": answers[j]}
+            for i in range(4)
+            for j in range(i + 1, 4)
+        ]
+    rng.shuffle(rows)
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    runs = {}
+    for grouped in (False, True):
+        dm = make_dm(path, tok_dir, batch_size=6, group_by_prompt=grouped, val_fraction=0.01)
+        prompts = [prompt for batch in dm.train_dataloader() for prompt in _batch_prompts(batch)]
+        runs[grouped] = (len(set(prompts)), sum(a != b for a, b in zip(prompts, prompts[1:], strict=False)))
+    assert runs[True] == (12, 11)  # each prompt's pairs in one run
+    assert runs[False][0] == 12 and runs[False][1] > 40  # a plain shuffle scatters them
+    with pytest.raises(ValueError, match="set one of them to false"):
+        make_dm(path, tok_dir, group_by_prompt=True, group_by_length=True)
+
+
+def _batch_prompts(batch: dict) -> list[tuple[int, ...]]:
+    """Each pair's prompt tokens (its chosen row's first ``prompt_lengths`` real tokens)."""
+    out = []
+    for i, n in enumerate(batch["prompt_lengths"].tolist()):
+        out.append(tuple(batch["input_ids"][i][batch["attention_mask"][i].bool()][:n].tolist()))
+    return out

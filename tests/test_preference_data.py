@@ -205,8 +205,10 @@ def test_explicit_csv_batch_is_chosen_then_rejected(tok: Any, tok_dir: str) -> N
     dm = make_dm(path, tok_dir, eval_batch_size=3, **same_split(path))
     assert dm.format == "explicit"
     batch = next(iter(dm.val_dataloader()))
-    assert set(batch) == {"input_ids", "attention_mask", "margin"}
+    assert set(batch) == {"input_ids", "attention_mask", "prompt_lengths", "margin"}
     assert batch["margin"].dtype == torch.float32 and batch["margin"].tolist() == [3.0, 2.5, 4.0]
+    prompts = ["Name some colours:", "Name some animals:", "Name some fruits:"]
+    assert batch["prompt_lengths"].tolist() == [len(tok(p)["input_ids"]) for p in prompts]
     chosen = [
         ids(tok, "Name some colours:", " red blue green"),
         ids(tok, "Name some animals:", " cat dog"),

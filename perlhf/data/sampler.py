@@ -19,7 +19,9 @@ class EpochSeededSampler(Sampler[int]):
 
     With ``lengths`` (one per example) the order is length-grouped for batches of ``batch_size``
     (``length_grouped``): batches hold examples of similar length, so little of each padded batch
-    is padding, and the order still depends on ``(seed, epoch)`` alone.
+    is padding, and the order still depends on ``(seed, epoch)`` alone. With ``groups`` (a group id
+    per example, e.g. its prompt) each group's examples come one after another
+    (``prompt_grouped``), groups and members in random order.
     """
 
     def __init__(
@@ -29,13 +31,18 @@ class EpochSeededSampler(Sampler[int]):
         lengths: Sequence[int] | None = None,
         batch_size: int = 1,
         group_batches: int = 50,
+        groups: Sequence[int] | None = None,
     ) -> None:
-        if lengths is not None and len(lengths) != len(data_source):
-            raise ValueError(f"lengths: {len(lengths)} values for {len(data_source)} examples")
+        for name, values in (("lengths", lengths), ("groups", groups)):
+            if values is not None and len(values) != len(data_source):
+                raise ValueError(f"{name}: {len(values)} values for {len(data_source)} examples")
+        if lengths is not None and groups is not None:
+            raise ValueError("order examples by length or by group, not both")
         self.num_samples = len(data_source)
         self.seed = seed
         self.epoch = 0
         self.lengths, self.batch_size, self.group_batches = lengths, batch_size, group_batches
+        self.groups = groups
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -43,6 +50,8 @@ class EpochSeededSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
+        if self.groups is not None:
+            return iter(prompt_grouped(order, self.groups))
         if self.lengths is None:
             return iter(order)
         return iter(length_grouped(order, self.lengths, self.batch_size, self.group_batches, generator))
@@ -51,11 +60,32 @@ class EpochSeededSampler(Sampler[int]):
         return self.num_samples
 
 
-def train_sampler(dataset: Any, seed: int, batch_size: int, group_by_length: bool) -> EpochSeededSampler:
-    """The training sampler of perlhf's text DataModules: ``(seed, epoch)``-ordered, and with
-    ``group_by_length`` length-grouped for batches of ``batch_size`` (``example_lengths``)."""
+def train_sampler(
+    dataset: Any, seed: int, batch_size: int, group_by_length: bool, group_by_prompt: bool = False
+) -> EpochSeededSampler:
+    """The training sampler of perlhf's text DataModules: ``(seed, epoch)``-ordered; with
+    ``group_by_length`` length-grouped for batches of ``batch_size`` (``example_lengths``); with
+    ``group_by_prompt`` each prompt's examples together (``prompt_ids``)."""
     lengths = example_lengths(dataset) if group_by_length else None
-    return EpochSeededSampler(dataset, seed=seed, lengths=lengths, batch_size=batch_size)
+    groups = prompt_ids(dataset) if group_by_prompt else None
+    return EpochSeededSampler(dataset, seed=seed, lengths=lengths, batch_size=batch_size, groups=groups)
+
+
+def prompt_ids(dataset: Any) -> list[int]:
+    """Per encoded pairwise example, an id of its prompt (its first ``prompt_length`` tokens):
+    equal ids for equal prompts, numbered in order of first appearance."""
+    ids: dict[tuple[int, ...], int] = {}
+    chosen, lengths = dataset["chosen_input_ids"], dataset["prompt_length"]
+    return [ids.setdefault(tuple(c[:n]), len(ids)) for c, n in zip(chosen, lengths, strict=True)]
+
+
+def prompt_grouped(order: list[int], groups: Sequence[int]) -> list[int]:
+    """``order`` (a shuffled index list) regrouped so each group's indices are consecutive: groups
+    in the order of their first index in ``order``, members in their order there."""
+    members: dict[int, list[int]] = {}
+    for i in order:
+        members.setdefault(groups[i], []).append(i)
+    return [i for group in members.values() for i in group]
 
 
 def example_lengths(dataset: Any) -> list[int]:

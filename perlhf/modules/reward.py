@@ -39,10 +39,12 @@ class RewardModule(TrainableOnlyModule):
         model: Backbone, fine-tuning mode and LoRA settings.
         objective: ``pairwise`` (Bradley–Terry on preference pairs) or ``classifier`` (BCE).
         center_coef: Weight of the centre-rewards regulariser ``mean((r_c + r_r)²)``; 0 disables.
-        share_prefix: Pairwise text batches: compute each pair's common token prefix (the prompt)
-            once, as one packed row ``prefix | chosen | rejected`` with a block attention mask and
-            restarted positions (``perlhf.packing``); rewards, loss and gradients equal the
-            unshared path's. Needs ``sdpa`` or ``eager`` attention.
+        share_prefix: Pairwise text batches: compute each prompt once, as one packed row
+            ``prefix | chosen | rejected`` with a block attention mask and restarted positions
+            (``perlhf.packing``); pairs of one prompt in a batch share a row in which each
+            distinct answer is computed once (``PreferenceDataModule(group_by_prompt=True)``
+            batches them together). Rewards, loss and gradients equal the unshared path's.
+            Needs ``sdpa`` or ``eager`` attention.
         optimizer: Optimiser over trainable parameters only.
         scheduler: Optional LR scheduler, stepped every optimiser step.
     """
@@ -118,16 +120,16 @@ class RewardModule(TrainableOnlyModule):
 
     def packed_rewards(self, packed: PackedPairs) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected rewards ``(B,)`` each (float32) from packed pairs: one pass over
-        ``prefix | chosen | rejected`` rows, scored at each tail's last token."""
+        the ``prefix | tail_1 | … | tail_k`` rows, scored at each tail's last token."""
         classifier = self._sequence_classifier()
         body = getattr(classifier, classifier.base_model_prefix)
         eager = classifier.config._attn_implementation == "eager"
         mask = packed.attention_mask(body.dtype if eager else None)
         hidden = body(input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids)
-        last = hidden.last_hidden_state  # (B, L, H)
-        rows = torch.arange(last.shape[0], device=last.device)[:, None]
-        rewards = classifier.score(last[rows, packed.ends]).squeeze(-1).float()  # (B, 2)
-        return rewards[:, 0], rewards[:, 1]
+        last = hidden.last_hidden_state  # (G, L, H)
+        rewards = classifier.score(last[packed.rows, packed.ends]).squeeze(-1).float()  # (2B,)
+        chosen, rejected = rewards.chunk(2)
+        return chosen, rejected
 
     def pair_rewards(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Chosen and rejected rewards ``(B,)`` of a pairwise batch, packed when ``share_prefix``."""
@@ -141,7 +143,12 @@ class RewardModule(TrainableOnlyModule):
     def _pack(self, batch: Batch) -> PackedPairs | None:
         if not self.share_prefix or "vision" in batch:
             return None
-        return pack_pairs(batch["input_ids"], batch["attention_mask"], self.tokenizer.pad_token_id)
+        return pack_pairs(
+            batch["input_ids"],
+            batch["attention_mask"],
+            self.tokenizer.pad_token_id,
+            batch.get("prompt_lengths"),
+        )
 
     def _batch_rewards(self, batch: Batch, stage: str) -> torch.Tensor:
         """Rewards ``(N,)`` of a batch's rows (pairwise: chosen then rejected), packed when
