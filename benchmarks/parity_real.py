@@ -114,12 +114,25 @@ def child(stage: str, setting: str, lr: float, root: Path, out: Path, seed: int)
     return result
 
 
+KL_BOUND = 10.0
+"""RL runs count towards a setting's best learning rate only at a KL to the start of at most this
+many nats: a higher rate buys VADER score with drift (sycophancy), not a better policy."""
+
+
+def _score(run: dict[str, Any]) -> tuple[bool, float]:
+    """Sort key of a run within its (stage, setting): reward models by held-out accuracy; RL runs
+    within ``KL_BOUND`` first, then by VADER score."""
+    if run["stage"] == "reward":
+        return True, run["accuracy"]
+    return run["kl_to_start"] <= KL_BOUND, run["judge_score"]
+
+
 def table(runs: list[dict[str, Any]]) -> str:
     """Best learning rate per (stage, setting), one row per setting."""
     best: dict[tuple[str, str], dict[str, Any]] = {}
     for r in runs:
-        key, score = (r["stage"], r["setting"]), r.get("accuracy", r.get("judge_score"))
-        if key not in best or score > best[key].get("accuracy", best[key].get("judge_score")):
+        key = (r["stage"], r["setting"])
+        if key not in best or _score(r) > _score(best[key]):
             best[key] = r
     lines = [
         "| setting | RM trainable | RM best LR | RM held-out accuracy | RM CPU s/step | RM peak RSS (MiB) "
@@ -147,7 +160,8 @@ def table(runs: list[dict[str, Any]]) -> str:
                 f"{rl['lr']:g}",
                 f"{rl['judge_score']:+.3f}",
                 f"{rl['win_rate']:.0%}",
-                f"{rl['kl_to_start']:.2f}",
+                f"{rl['kl_to_start']:.2f}"
+                + (f" (over {KL_BOUND:g})" if rl["kl_to_start"] > KL_BOUND else ""),
                 f"{rl['cpu_seconds_per_step']:.1f}",
                 f"{rl['peak_rss_mib']:,.0f}",
             ]
@@ -175,12 +189,15 @@ def coverage(runs: list[dict[str, Any]]) -> str:
 def all_runs(runs: list[dict[str, Any]]) -> str:
     """Every run, in the order run."""
     lines = [
-        "| stage | setting | lr | held-out accuracy or VADER score | CPU s/step | wall s/step "
-        "| peak RSS (MiB) |",
-        "|---" * 7 + "|",
+        "| stage | setting | lr | held-out accuracy or VADER score | win rate | KL | CPU s/step "
+        "| wall s/step | peak RSS (MiB) |",
+        "|---" * 9 + "|",
     ]
     for r in runs:
-        score = f"{r['accuracy']:.3f}" if "accuracy" in r else f"{r['judge_score']:+.3f}"
+        if "accuracy" in r:
+            score = f"{r['accuracy']:.3f} | — | —"
+        else:
+            score = f"{r['judge_score']:+.3f} | {r['win_rate']:.0%} | {r['kl_to_start']:.2f}"
         lines.append(
             f"| {r['stage']} | {r['setting']} | {r['lr']:g} | {score} | {r['cpu_seconds_per_step']:.1f} "
             f"| {r['seconds_per_step']:.1f} | {r['peak_rss_mib']:,.0f} |"
@@ -240,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         f"`{command.strip()}`: {platform.processor() or platform.machine()}, seed {args.seed}; best "
         "learning rate of each setting's grid (all runs in the JSON). RL: REINFORCE against the shared "
         "LoRA r8 reward model; VADER score, win rate against the starting policy and KL on 96 "
-        "held-out prompts. CPU s/step: the process's CPU time (all threads) per optimiser step; wall "
+        f"held-out prompts; the best RL learning rate is the best VADER score at a KL of at most "
+        f"{KL_BOUND:g} nats. CPU s/step: the process's CPU time (all threads) per optimiser step; wall "
         "times are in the JSON.\n\n"
     )
     text = header + coverage(runs) + table(runs) + "\n\nAll runs:\n\n" + all_runs(runs) + "\n"
