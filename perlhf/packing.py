@@ -33,8 +33,24 @@ PREFIX, CHOSEN, REJECTED, PAD = 0, 1, 2, -1
 rejected tails are 1 and 2; a group's ``j``-th distinct sequence is ``j + 1``), then padding."""
 
 
+class Packed:
+    """What packed rows share: ``segments`` ``(G, L)``, the prefix 0, tails from 1, ``PAD``."""
+
+    segments: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        """Real tokens of the packed rows."""
+        return int((self.segments != PAD).sum())
+
+    def attention_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(G, 1, L, L)``: bool (True = attend) when ``dtype`` is None, else additive
+        (0 or the dtype's minimum) for eager attention (``segment_attention_mask``)."""
+        return segment_attention_mask(self.segments, PAD, dtype)
+
+
 @dataclass
-class PackedPairs:
+class PackedPairs(Packed):
     """``B`` preference pairs packed into ``G <= B`` rows of length ``L``: one row per prompt,
     ``prefix | tail_1 | … | tail_k | padding``, each distinct sequence's tail once."""
 
@@ -50,16 +66,6 @@ class PackedPairs:
     """``(2B,)`` column of each input row's last token in its packed row (its reward is read there)."""
     unshared_tokens: int
     """Real tokens of the unshared pairs (chosen + rejected lengths)."""
-
-    @property
-    def tokens(self) -> int:
-        """Real tokens of the packed rows."""
-        return int((self.segments != PAD).sum())
-
-    def attention_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``(G, 1, L, L)``: bool (True = attend) when ``dtype`` is None, else additive
-        (0 or the dtype's minimum) for eager attention (``segment_attention_mask``)."""
-        return segment_attention_mask(self.segments, PAD, dtype)
 
 
 def segment_attention_mask(
@@ -166,7 +172,7 @@ GROUP_PAD = PAD
 
 
 @dataclass
-class PackedGroups:
+class PackedGroups(Packed):
     """``n`` rollout rows packed into ``G`` rows, one per distinct prompt:
     ``prompt | response_1 | … | response_k | padding`` (each response without its padding)."""
 
@@ -183,15 +189,6 @@ class PackedGroups:
     response's end, its last column: their outputs are masked out)."""
     unshared_tokens: int
     """Columns the unshared rows compute (``n * (P + R)``, padding included)."""
-
-    @property
-    def tokens(self) -> int:
-        """Real tokens of the packed rows."""
-        return int((self.segments != GROUP_PAD).sum())
-
-    def attention_mask(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``(G, 1, L, L)`` block-causal mask (``segment_attention_mask``)."""
-        return segment_attention_mask(self.segments, GROUP_PAD, dtype)
 
     def hidden(self, last_hidden_state: torch.Tensor) -> torch.Tensor:
         """Per input row, the hidden states ``(n, R, H)`` that predict its response tokens, from the
