@@ -366,6 +366,7 @@ def test_fsdp_fit_on_gpu(tiny_model_dir: Path, preference_dir: Path, tmp_path: P
         max_steps=150,
         limit_val_batches=4,
         val_check_interval=150,
+        check_val_every_n_epoch=None,  # 150 steps outlast the 125-batch epoch
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
