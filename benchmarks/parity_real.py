@@ -32,7 +32,7 @@ from typing import Any
 SETTINGS = ("full", "lora-attn-r1", "lora-attn-r8", "lora-attn-r32", "lora-all-r8")
 LR_GRID = {
     "reward": {"full": (1e-5, 3e-5, 1e-4, 3e-4), "lora": (2e-4, 5e-4, 2e-3, 5e-3)},
-    "rl": {"full": (1.5e-5, 5e-5, 1.5e-4), "lora": (2e-4, 5e-4, 1.5e-3)},
+    "rl": {"full": (1.5e-5, 5e-5, 1.5e-4), "lora": (2e-4, 5e-4, 9e-4, 1.5e-3)},
 }
 """Per stage and kind, a grid a factor ~3 apart around the usual choices, extended upwards where
 the best learning rate sat at the top; the LoRA-vs-full ratio of the best learning rates is itself

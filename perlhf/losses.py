@@ -273,18 +273,69 @@ def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
 # --------------------------------------------------------------------------- logits utilities
 
 
-def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """Log-probabilities of ``labels`` (B, T) under ``logits`` (B, T, V); returns (B, T) float32.
+LOGIT_CHUNK_ELEMENTS = 1 << 24
+"""Rows of logits processed together in float32 by ``logprobs_from_logits`` and
+``entropy_from_logits``: about this many elements (64 MiB of float32) at a time."""
 
-    Computed as ``logit[label] - logsumexp(logits)`` so the full log-softmax over the
-    vocabulary is never materialised.
+
+def _row_chunks(rows: int, vocab: int) -> range:
+    step = max(1, LOGIT_CHUNK_ELEMENTS // max(vocab, 1))
+    return range(0, rows, step)
+
+
+class _SelectedLogProbs(torch.autograd.Function):
+    """``log softmax(logits / t)[label]`` without a float32 copy of the logits: the forward pass
+    saves the logits as they are (bf16 under autocast) and one log-normaliser per row, and both
+    passes work through the rows in float32 chunks."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
+        flat, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        lse = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        chunks = _row_chunks(*flat.shape)
+        for start in chunks:
+            rows = flat[start : start + chunks.step]
+            lse[start : start + rows.shape[0]] = torch.logsumexp(rows.float() / temperature, dim=-1)
+        picked = flat.gather(-1, flat_labels[:, None]).squeeze(-1).float() / temperature
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature = temperature
+        return (picked - lse).view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        logits, labels, lse = ctx.saved_tensors
+        t = ctx.temperature
+        flat, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        g = grad.reshape(-1).float()
+        out = torch.empty_like(flat)
+        chunks = _row_chunks(*flat.shape)
+        for start in chunks:
+            end = min(start + chunks.step, flat.shape[0])
+            # d/dz of (z[label] - logsumexp(z)) with z = logits / t: onehot - softmax(z), times 1/t.
+            d = torch.exp(flat[start:end].float() / t - lse[start:end, None]).mul_(-g[start:end, None])
+            d.scatter_add_(-1, flat_labels[start:end, None], g[start:end, None])
+            out[start:end] = d.div_(t)
+        return out.view_as(logits), None, None
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probabilities of ``labels`` (B, T) under ``softmax(logits / temperature)`` with
+    ``logits`` (B, T, V) of any float dtype; returns (B, T) float32.
+
+    Computed as ``z[label] - logsumexp(z)`` in float32 chunks of rows, so neither the log-softmax
+    over the vocabulary nor a float32 copy of the logits is ever materialised whole, and backward
+    keeps only the logits themselves (e.g. bf16) and one float per row.
     """
-    logits = logits.float()
-    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return _SelectedLogProbs.apply(logits, labels, float(temperature))
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of ``softmax(logits)`` over the last dim: (B, T, V) -> (B, T), in float32."""
-    logits = logits.float()
-    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of ``softmax(logits / temperature)`` over the last dim: (B, T, V) -> (B, T), in
+    float32, a chunk of rows at a time. No gradient flows (it is a diagnostic)."""
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    chunks = _row_chunks(*flat.shape)
+    for start in chunks:
+        z = flat[start : start + chunks.step].float() / temperature
+        out[start : start + z.shape[0]] = torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+    return out.view(logits.shape[:-1])

@@ -270,6 +270,63 @@ def test_logprobs_from_logits_by_hand_and_against_log_softmax():
     assert out.dtype == torch.float32 and out.shape == (2, 3)
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 4, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_from_logits_chunked_values_and_gradients_match_autograd(monkeypatch, chunk_rows, dtype):
+    """Chunks of 1 and 4 rows (of 12) and one chunk give the plain log-softmax's values and
+    gradients, at temperature 0.7, for float32 and bf16 logits (whose gradient stays bf16)."""
+    import perlhf.losses as losses_module
+
+    monkeypatch.setattr(losses_module, "LOGIT_CHUNK_ELEMENTS", chunk_rows * 11)
+    gen = torch.Generator().manual_seed(1)
+    base = (torch.randn(3, 4, 11, generator=gen) * 4).to(dtype)
+    labels = torch.randint(0, 11, (3, 4), generator=gen)
+    weights = torch.randn(3, 4, generator=gen)
+
+    ours = base.clone().requires_grad_(True)
+    out = logprobs_from_logits(ours, labels, temperature=0.7)
+    (out * weights).sum().backward()
+
+    ref = base.float().clone().requires_grad_(True)
+    expected = (ref / 0.7).log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    (expected * weights).sum().backward()
+
+    assert out.dtype == torch.float32 and ours.grad.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    close(out, expected.detach(), atol=1e-5)  # the bf16 values are exact in float32
+    close(ours.grad.float(), ref.grad, atol=tol)
+    # each row's gradient sums to 0 (softmax's) and peaks at the label: a sign error would flip it
+    close(ref.grad.sum(-1), torch.zeros(3, 4), atol=1e-5)
+    picked = ours.grad.float().gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    assert torch.all(torch.sign(picked) == torch.sign(weights))
+
+
+def test_logprobs_from_logits_keeps_no_float32_copy_for_backward():
+    """Backward keeps the bf16 logits themselves, the labels and one float per row: no float32
+    (B, T, V) tensor, which is what made the RL update's peak grow with the vocabulary."""
+    logits = torch.randn(2, 5, 1000).bfloat16().requires_grad_(True)
+    labels = torch.randint(0, 1000, (2, 5))
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logprobs_from_logits(logits, labels, temperature=0.7).sum().backward()
+    assert sum(t.numel() * t.element_size() for t in saved) <= logits.numel() * 2 + 10 * (8 + 4)
+    assert not any(t.dtype == torch.float32 and t.numel() >= 1000 for t in saved)
+
+
+def test_entropy_from_logits_chunked_with_temperature(monkeypatch):
+    import perlhf.losses as losses_module
+
+    monkeypatch.setattr(losses_module, "LOGIT_CHUNK_ELEMENTS", 2 * 7)
+    logits = torch.randn(3, 2, 7, generator=torch.Generator().manual_seed(2)) * 3
+    probs = (logits / 0.5).softmax(-1)
+    close(entropy_from_logits(logits, temperature=0.5), -(probs * probs.log()).sum(-1), atol=1e-5)
+
+
 def test_entropy_from_logits():
     # uniform over V=5 -> log 5
     close(entropy_from_logits(torch.zeros(2, 3, 5)), torch.full((2, 3), math.log(5)), atol=1e-6)

@@ -268,6 +268,6 @@ def token_logprobs(
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs ``(N, R)`` of the sampled tokens under the sampling temperature, and entropy."""
-    logits = hf_model(model).get_output_embeddings()(hidden).float() / temperature
-    entropy = entropy_from_logits(logits.detach()) if with_entropy else None
-    return logprobs_from_logits(logits, response_ids), entropy
+    logits = hf_model(model).get_output_embeddings()(hidden)  # (N, R, V), the compute dtype
+    entropy = entropy_from_logits(logits, temperature) if with_entropy else None
+    return logprobs_from_logits(logits, response_ids, temperature), entropy

@@ -58,9 +58,23 @@ MUTANTS = (
     Mutant(
         "no-temperature-in-logprobs",
         POLICY,
-        "logits = hf_model(model).get_output_embeddings()(hidden).float() / temperature",
-        "logits = hf_model(model).get_output_embeddings()(hidden).float()",
+        "return logprobs_from_logits(logits, response_ids, temperature), entropy",
+        "return logprobs_from_logits(logits, response_ids), entropy",
         (f"{MATH}::test_logprobs_use_the_sampling_temperature",),
+    ),
+    Mutant(
+        "logprob-gradient-sign",
+        LOSSES,
+        ".mul_(-g[start:end, None])",
+        ".mul_(g[start:end, None])",
+        ("tests/test_losses.py::test_logprobs_from_logits_chunked_values_and_gradients_match_autograd",),
+    ),
+    Mutant(
+        "logprob-chunk-off-by-one",
+        LOSSES,
+        "end = min(start + chunks.step, flat.shape[0])",
+        "end = min(start + chunks.step - 1, flat.shape[0])",
+        ("tests/test_losses.py::test_logprobs_from_logits_chunked_values_and_gradients_match_autograd",),
     ),
     Mutant(
         "no-division-by-accumulation",
