@@ -107,12 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     device = results[0]["device"]
     out = Path(args.out or f"benchmarks/results/{'cpu' if device == 'cpu' else 'cuda'}/logprobs-memory")
     out.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python benchmarks/logprobs_memory.py", *(sys.argv[1:] if argv is None else argv)])
     lines = [
         "# Token log-probs, forward + backward, from bf16 logits",
         "",
-        f"`python benchmarks/logprobs_memory.py {' '.join(sys.argv[1:] if argv is None else argv)}`".replace(
-            " `", "`"
-        ),
+        f"`{command}`",
         f"on {device} ({platform.processor() or platform.machine()}); {args.rows} rows, temperature 0.7, "
         f"median of {args.repeats}. Memory: peak above the level before the call (the bf16 logits and "
         "their bf16 gradient are in it).",

@@ -7,6 +7,7 @@ int) or bool with the same shape as the tensor it masks, and marks valid respons
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -278,9 +279,11 @@ LOGIT_CHUNK_ELEMENTS = 1 << 24
 ``entropy_from_logits``: about this many elements (64 MiB of float32) at a time."""
 
 
-def _row_chunks(rows: int, vocab: int) -> range:
+def _row_slices(rows: int, vocab: int) -> Iterator[slice]:
+    """Consecutive row slices of about ``LOGIT_CHUNK_ELEMENTS`` logits each, covering ``rows``."""
     step = max(1, LOGIT_CHUNK_ELEMENTS // max(vocab, 1))
-    return range(0, rows, step)
+    for start in range(0, rows, step):
+        yield slice(start, start + step)
 
 
 class _SelectedLogProbs(torch.autograd.Function):
@@ -292,10 +295,8 @@ class _SelectedLogProbs(torch.autograd.Function):
     def forward(ctx, logits: Tensor, labels: Tensor, temperature: float) -> Tensor:  # type: ignore[override]
         flat, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
         lse = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
-        chunks = _row_chunks(*flat.shape)
-        for start in chunks:
-            rows = flat[start : start + chunks.step]
-            lse[start : start + rows.shape[0]] = torch.logsumexp(rows.float() / temperature, dim=-1)
+        for rows in _row_slices(*flat.shape):
+            lse[rows] = torch.logsumexp(flat[rows].float() / temperature, dim=-1)
         picked = flat.gather(-1, flat_labels[:, None]).squeeze(-1).float() / temperature
         ctx.save_for_backward(logits, labels, lse)
         ctx.temperature = temperature
@@ -306,15 +307,13 @@ class _SelectedLogProbs(torch.autograd.Function):
         logits, labels, lse = ctx.saved_tensors
         t = ctx.temperature
         flat, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-        g = grad.reshape(-1).float()
+        g = grad.reshape(-1, 1).float()
         out = torch.empty_like(flat)
-        chunks = _row_chunks(*flat.shape)
-        for start in chunks:
-            end = min(start + chunks.step, flat.shape[0])
+        for rows in _row_slices(*flat.shape):
             # d/dz of (z[label] - logsumexp(z)) with z = logits / t: onehot - softmax(z), times 1/t.
-            d = torch.exp(flat[start:end].float() / t - lse[start:end, None]).mul_(-g[start:end, None])
-            d.scatter_add_(-1, flat_labels[start:end, None], g[start:end, None])
-            out[start:end] = d.div_(t)
+            d = torch.exp(flat[rows].float() / t - lse[rows, None]).mul_(-g[rows])
+            d.scatter_add_(-1, flat_labels[rows, None], g[rows])
+            out[rows] = d.div_(t)
         return out.view_as(logits), None, None
 
 
@@ -334,8 +333,7 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     float32, a chunk of rows at a time. No gradient flows (it is a diagnostic)."""
     flat = logits.detach().reshape(-1, logits.shape[-1])
     out = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
-    chunks = _row_chunks(*flat.shape)
-    for start in chunks:
-        z = flat[start : start + chunks.step].float() / temperature
-        out[start : start + z.shape[0]] = torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+    for rows in _row_slices(*flat.shape):
+        z = flat[rows].float() / temperature
+        out[rows] = torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
     return out.view(logits.shape[:-1])

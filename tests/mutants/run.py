@@ -65,15 +65,15 @@ MUTANTS = (
     Mutant(
         "logprob-gradient-sign",
         LOSSES,
-        ".mul_(-g[start:end, None])",
-        ".mul_(g[start:end, None])",
+        ".mul_(-g[rows])",
+        ".mul_(g[rows])",
         ("tests/test_losses.py::test_logprobs_from_logits_chunked_values_and_gradients_match_autograd",),
     ),
     Mutant(
         "logprob-chunk-off-by-one",
         LOSSES,
-        "end = min(start + chunks.step, flat.shape[0])",
-        "end = min(start + chunks.step - 1, flat.shape[0])",
+        "yield slice(start, start + step)",
+        "yield slice(start, start + step - 1)",
         ("tests/test_losses.py::test_logprobs_from_logits_chunked_values_and_gradients_match_autograd",),
     ),
     Mutant(
